@@ -1,0 +1,1 @@
+"""spectral package (see the README)."""

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models of the real architecture, built in memory in well under a second."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+import torch
+
+from tunelens.models.loaded import LoadedModel, ModelSource
+from tunelens.models.pair import ModelPair
+from tunelens.models.tiny import TinyConfig, tiny_llama, tiny_tokenizer
+
+ET_PROMPTS = [
+    "The apple is in Box F. The cup is in Box Q. The dog is in Box B. Box Q contains the",
+    "The pen is in Box C. Box C contains the",
+    "The key is in Box D. The hat is in Box E. Box E contains the",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_home(tmp_path_factory):
+    """Every test session builds its zoo in a fresh folder, never in the user's."""
+    home = tmp_path_factory.mktemp("tunelens-home")
+    old = os.environ.get("TUNELENS_HOME")
+    os.environ["TUNELENS_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("TUNELENS_HOME", None)
+    else:
+        os.environ["TUNELENS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+def make_tiny(tok, seed: int = 0, cfg: TinyConfig | None = None, name: str = "tiny-random") -> LoadedModel:
+    model = tiny_llama(cfg or TinyConfig(n_layers=2), len(tok.get_vocab()), seed=seed)
+    return LoadedModel(model, tok, source=ModelSource(kind="memory", location=name), name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tok) -> LoadedModel:
+    return make_tiny(tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_tok) -> ModelPair:
+    """A base and a 'tuned' copy whose weights moved a little (a stand-in for a full fine-tune)."""
+    base = make_tiny(tiny_tok, name="tiny-base")
+    tuned_module = copy.deepcopy(base.module)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuned_module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    tuned = LoadedModel(
+        tuned_module, tiny_tok, source=ModelSource(kind="memory", location="tiny-tuned"), name="tiny-tuned"
+    )
+    return ModelPair(base, tuned)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_pair(tiny_tok, tmp_path_factory) -> ModelPair:
+    """A switch-mode LoRA pair: one set of base weights, adapter off for base and on for tuned."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelens.models.loading import load_adapter_pair
+
+    base = make_tiny(tiny_tok, name="tiny-base")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        copy.deepcopy(base.module),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            init_lora_weights=False,
+        ),
+    )
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return load_adapter_pair(base, folder, mode="switch")

@@ -1,0 +1,190 @@
+"""Loading models: HF folders, GGUF files (converted once to safetensors), peft LoRA adapters, zoo names.
+
+Nothing here downloads: every path is local, ``HF_HUB_OFFLINE`` is honoured, and ``trust_remote_code``
+stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tunelens.errors import ModelLoadError, PairIncompatibleError
+from tunelens.models.loaded import LoadedModel, ModelSource, check_device
+from tunelens.models.pair import ModelPair
+from tunelens.paths import data_home
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _require_folder(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{what} {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} {str(path)!r} is not a folder")
+    return path
+
+
+def load_hf_folder(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    source: ModelSource | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """A model saved with ``save_pretrained`` (config.json + weights + tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _require_folder(Path(path), "model folder")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"{str(path)!r} is not a model folder: expected a config.json (from save_pretrained), "
+            f"found {sorted(p.name for p in path.iterdir())[:8]}"
+        )
+    dev = check_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the model in {str(path)!r}: {exc}") from exc
+    return LoadedModel(
+        model.to(dev),
+        tok,
+        source=source or ModelSource(kind="hf", location=str(path)),
+        name=name or path.name,
+    )
+
+
+def convert_gguf(gguf: str | Path, out: Path | None = None) -> Path:
+    """Dequantise a GGUF file once into an fp32 safetensors folder (cached); returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = out or data_home() / "converted" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s to safetensors (once) ...", gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the gguf reader raises many kinds on a bad file
+        raise ModelLoadError(f"could not read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}") from exc
+    # A GGUF-loaded model refuses save_pretrained (environment.md pitfall 3): rebuild a clean one.
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = AutoModelForCausalLM.from_config(type(model.config).from_dict(cfg), dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_gguf(path: str | Path, *, device: str = "cpu", name: str | None = None) -> LoadedModel:
+    """A GGUF file, through its cached safetensors conversion."""
+    folder = convert_gguf(path)
+    return load_hf_folder(
+        folder,
+        device=device,
+        source=ModelSource(kind="gguf", location=str(path)),
+        name=name or Path(path).stem,
+    )
+
+
+def _adapter_base_name(adapter_dir: Path) -> str | None:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path")
+
+
+def load_adapter_pair(
+    base: LoadedModel,
+    adapter_dir: str | Path,
+    *,
+    mode: Literal["switch", "merged"] = "switch",
+    name: str | None = None,
+) -> ModelPair:
+    """A (base, base + LoRA adapter) pair.
+
+    ``switch``: one set of base weights with the adapter injected, switched off for ``base`` and on for
+    ``tuned`` (memory of one model). ``merged``: the tuned model is a merged copy (plain HF model).
+    An adapter whose matrix shapes do not fit the base raises :class:`PairIncompatibleError`.
+    """
+    from peft import PeftModel
+
+    adapter_dir = _require_folder(Path(adapter_dir), "adapter folder")
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelLoadError(f"{str(adapter_dir)!r} is not a peft adapter folder: no adapter_config.json")
+    model = copy.deepcopy(base.module)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise PairIncompatibleError(
+            f"adapter {str(adapter_dir)!r} (made for {_adapter_base_name(adapter_dir)!r}) does not fit base "
+            f"model {base.name!r}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+    src = ModelSource(kind="adapter", location=base.source.location, adapter=str(adapter_dir), mode=mode)
+    tuned_name = name or adapter_dir.name
+    if mode == "merged":
+        tuned = LoadedModel(peft_model.merge_and_unload(), base.tokenizer, source=src, name=tuned_name)
+        return ModelPair(base, tuned)
+    off = LoadedModel(peft_model, base.tokenizer, source=base.source, adapter=False, name=base.name)
+    on = LoadedModel(peft_model, base.tokenizer, source=src, adapter=True, name=tuned_name)
+    return ModelPair(off, on)
+
+
+def load_model(ref: str | Path, *, device: str = "cpu") -> LoadedModel:
+    """A zoo name, an HF model folder or a ``.gguf`` file."""
+    from tunelens.models import zoo
+
+    text = str(ref)
+    if text in zoo.names():
+        return zoo.load(text, device=device)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        return load_gguf(path, device=device)
+    if path.exists():
+        return load_hf_folder(path, device=device)
+    raise ModelLoadError(
+        f"{text!r} is neither a zoo model ({', '.join(zoo.names())}) nor an existing folder or .gguf file"
+    )
+
+
+def load_pair(ref: str, tuned: str | None = None, *, device: str = "cpu", mode: str = "switch") -> ModelPair:
+    """A zoo pair name, or a base reference and a tuned reference (a model or an adapter folder)."""
+    from tunelens.models import zoo
+
+    if tuned is None:
+        if ref in zoo.pair_names():
+            return zoo.load_pair(ref, device=device)
+        raise ModelLoadError(
+            f"{ref!r} is not a zoo pair ({', '.join(zoo.pair_names())}); give a base and a tuned reference"
+        )
+    base = load_model(ref, device=device)
+    tuned_path = Path(tuned).expanduser()
+    if tuned_path.is_dir() and (tuned_path / "adapter_config.json").exists():
+        return load_adapter_pair(base, tuned_path, mode=mode)  # type: ignore[arg-type]
+    return ModelPair(base, load_model(tuned, device=device))

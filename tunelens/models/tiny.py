@@ -1,0 +1,100 @@
+"""Tiny models of the real models' HF architecture (Llama with grouped-query attention), for fast tests.
+
+The tokenizer is word level over the tasks' vocabulary, so prompts of the entity-tracking task mean the
+same thing to a tiny model as to SmolLM2, and a tiny model trains in seconds on this CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tunelens.tasks import entity_tracking
+
+SPECIAL = ("<pad>", "<unk>", "<eos>")
+TEMPLATE_WORDS = (
+    "The", "the", "is", "in", "Box", "contains", ".", ",", ":", "?", "Context", "Instruction", "Question",
+    "Answer", "Only", "consider", "Ignore", "context", "capital", "of", "What",
+)  # fmt: skip
+
+
+def tiny_vocab() -> list[str]:
+    words = (
+        list(SPECIAL) + list(TEMPLATE_WORDS) + list(entity_tracking.OBJECTS) + list(entity_tracking.LABELS)
+    )
+    return list(dict.fromkeys(words))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: whitespace and punctuation split words, unknown words map to ``<unk>``."""
+    vocab = {w: i for i, w in enumerate(tiny_vocab())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="right"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyConfig:
+    """Sizes of a tiny Llama (defaults: 4 layers, 4 query / 2 KV heads, d_model 64)."""
+
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_mlp: int = 128
+    n_ctx: int = 128
+
+
+def tiny_llama(cfg: TinyConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama, deterministic from ``seed``."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.n_ctx,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def induction_batch(token_ids: torch.Tensor, batch: int, half: int, gen: torch.Generator) -> torch.Tensor:
+    """Random sequences of ``half`` tokens drawn from ``token_ids``, each repeated once."""
+    first = token_ids[torch.randint(len(token_ids), (batch, half), generator=gen)]
+    return torch.cat([first, first], dim=1)
+
+
+def pretrain_induction(
+    model: LlamaForCausalLM, token_ids: torch.Tensor, *, steps: int, seed: int, lr: float = 1e-3
+) -> list[float]:
+    """Train on repeated random sequences (loss on the repeat): the classic way to grow induction heads."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        seq = induction_batch(token_ids, 64, 16, gen)
+        logits = model(input_ids=seq).logits[:, 16:-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), seq[:, 17:].reshape(-1)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
