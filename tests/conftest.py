@@ -24,8 +24,11 @@ ET_PROMPTS = [
 
 @pytest.fixture(autouse=True, scope="session")
 def _data_home(tmp_path_factory):
-    """Every test session builds its zoo in a fresh folder, never in the user's."""
-    home = tmp_path_factory.mktemp("tunelens-home")
+    """Every test session builds its zoo in a fresh folder, never in the user's.
+
+    ``TUNELENS_TEST_HOME=DIR`` keeps a zoo between local runs (the SmolLM2 builds take minutes).
+    """
+    home = os.environ.get("TUNELENS_TEST_HOME") or tmp_path_factory.mktemp("tunelens-home")
     old = os.environ.get("TUNELENS_HOME")
     os.environ["TUNELENS_HOME"] = str(home)
     yield home

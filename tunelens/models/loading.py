@@ -11,12 +11,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 
 from tunelens.errors import ModelLoadError, PairIncompatibleError
 from tunelens.models.loaded import LoadedModel, ModelSource, check_device
@@ -30,10 +32,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _require_folder(path: Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"{what} {str(path)!r} does not exist")
+        raise ModelLoadError(f"{what} {str(path)!r} does not exist; expected an existing folder")
     if not path.is_dir():
         raise ModelLoadError(f"{what} {str(path)!r} is not a folder")
     return path
+
+
+def _listing(path: Path, limit: int = 8) -> list[str]:
+    return sorted(p.name for p in path.iterdir())[:limit]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library messages can span many lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def load_hf_folder(
@@ -56,11 +68,20 @@ def load_hf_folder(
     dev = check_device(device)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load the tokenizer in {str(path)!r}: expected tokenizer files from save_pretrained "
+            f"(tokenizer.json, tokenizer_config.json), found {_listing(path)}: {_first_line(exc)}"
+        ) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, attn_implementation="eager", trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load the model in {str(path)!r}: {exc}") from exc
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(
+            f"could not load the model in {str(path)!r}: expected a config.json and readable weights "
+            f"(model.safetensors) from save_pretrained, found {_listing(path)}: {_first_line(exc)}"
+        ) from exc
     return LoadedModel(
         model.to(dev),
         tok,
@@ -75,7 +96,14 @@ def convert_gguf(gguf: str | Path, out: Path | None = None) -> Path:
 
     gguf = Path(gguf).expanduser()
     if not gguf.is_file():
-        raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist")
+        raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist; expected a path to a .gguf file")
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"could not read GGUF file {str(gguf)!r}: expected the magic bytes b'GGUF' at its start, "
+            f"found {magic!r}; is it really a GGUF model file?"
+        )
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     out = out or data_home() / "converted" / f"{gguf.stem}-{key}"
@@ -86,7 +114,9 @@ def convert_gguf(gguf: str | Path, out: Path | None = None) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # the gguf reader raises many kinds on a bad file
-        raise ModelLoadError(f"could not read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not read GGUF file {str(gguf)!r}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     # A GGUF-loaded model refuses save_pretrained (environment.md pitfall 3): rebuild a clean one.
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -116,8 +146,33 @@ def load_gguf(path: str | Path, *, device: str = "cpu", name: str | None = None)
 
 
 def _adapter_base_name(adapter_dir: Path) -> str | None:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    """The base the adapter says it was made for; a config that is not a JSON object is a load error."""
+    file = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{str(file)!r} cannot be read: expected the JSON peft writes with save_pretrained: {exc}"
+        ) from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{str(file)!r}: expected a JSON object, got {type(cfg).__name__}")
     return cfg.get("base_model_name_or_path")
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _adapter_misfit(exc: BaseException) -> str:
+    """The first parameter whose shape does not fit, from torch's many-line ``load_state_dict`` error."""
+    mismatches = _SIZE_MISMATCH.findall(str(exc))
+    if not mismatches:
+        return _first_line(exc)
+    name, got, want = mismatches[0]
+    more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+    return f"{name} has shape {got} in the adapter, but the base model expects {want}{more}"
 
 
 def load_adapter_pair(
@@ -138,13 +193,21 @@ def load_adapter_pair(
     adapter_dir = _require_folder(Path(adapter_dir), "adapter folder")
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelLoadError(f"{str(adapter_dir)!r} is not a peft adapter folder: no adapter_config.json")
+    made_for = _adapter_base_name(adapter_dir)
+    made_for = f" (made for {made_for!r})" if made_for else ""
     model = copy.deepcopy(base.module)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    except SafetensorError as exc:
+        raise ModelLoadError(
+            f"could not read the adapter weights in {str(adapter_dir)!r}: expected a readable "
+            f"adapter_model.safetensors from save_pretrained, found {_listing(adapter_dir)}: "
+            f"{_first_line(exc)}"
+        ) from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise PairIncompatibleError(
-            f"adapter {str(adapter_dir)!r} (made for {_adapter_base_name(adapter_dir)!r}) does not fit base "
-            f"model {base.name!r}: {str(exc).splitlines()[0][:300]}"
+            f"adapter {str(adapter_dir)!r}{made_for} does not fit base model {base.name!r} "
+            f"(d_model {base.dims.d_model}): {_adapter_misfit(exc)}; load it onto the base it was made for"
         ) from exc
     src = ModelSource(kind="adapter", location=base.source.location, adapter=str(adapter_dir), mode=mode)
     tuned_name = name or adapter_dir.name
