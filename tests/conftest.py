@@ -13,7 +13,7 @@ import torch
 
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
-from tunelens.models.tiny import TinyConfig, tiny_llama, tiny_tokenizer
+from tunelens.models.tiny import TinyConfig, tiny_gemma, tiny_llama, tiny_tokenizer
 
 ET_PROMPTS = [
     "The apple is in Box F. The cup is in Box Q. The dog is in Box B. Box Q contains the",
@@ -51,6 +51,20 @@ def make_tiny(tok, seed: int = 0, cfg: TinyConfig | None = None, name: str = "ti
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tok) -> LoadedModel:
     return make_tiny(tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_model(tiny_tok) -> LoadedModel:
+    model = tiny_gemma(TinyConfig(n_layers=2), len(tiny_tok.get_vocab()), seed=0)
+    return LoadedModel(
+        model, tiny_tok, source=ModelSource(kind="memory", location="tiny-gemma"), name="tiny-gemma"
+    )
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma"])
+def arch_model(request) -> LoadedModel:
+    """A tiny model of each supported architecture (Llama/SmolLM2 and Gemma-3 layouts)."""
+    return request.getfixturevalue("tiny_model" if request.param == "llama" else "tiny_gemma_model")
 
 
 @pytest.fixture(scope="session")

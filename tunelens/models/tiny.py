@@ -72,6 +72,30 @@ def tiny_llama(cfg: TinyConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gemma(cfg: TinyConfig, vocab_size: int, seed: int):
+    """A randomly initialised tiny Gemma-3 (post-attention and post-MLP norms, one KV head)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=1,
+        head_dim=cfg.d_model // cfg.n_heads,
+        max_position_embeddings=cfg.n_ctx,
+        sliding_window=16,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=2,
+        architectures=["Gemma3ForCausalLM"],
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(config).eval()
+
+
 def induction_batch(token_ids: torch.Tensor, batch: int, half: int, gen: torch.Generator) -> torch.Tensor:
     """Random sequences of ``half`` tokens drawn from ``token_ids``, each repeated once."""
     first = token_ids[torch.randint(len(token_ids), (batch, half), generator=gen)]

