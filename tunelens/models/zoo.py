@@ -184,21 +184,30 @@ def report(name: str) -> dict[str, Any]:
 # --- data for the recipes ------------------------------------------------------------------------------
 
 
-def recipe_data(recipe: TaskRecipe, tokenizer) -> dict[str, Dataset]:
-    """Train and test sets of a recipe, split by item (a world or a fact is never in both)."""
+def recipe_data(recipe: TaskRecipe, base: LoadedModel) -> dict[str, Dataset]:
+    """Train and test sets of a recipe, split by item (a world or a fact is never in both).
+
+    Context vs prior uses only facts the base model knows (its greedy answer is right), so the prior
+    intent asks for knowledge the model has rather than teaching it new facts.
+    """
     from tunelens.tasks import entity_tracking as et
 
+    tokenizer = base.tokenizer
     if recipe.task == "entity_tracking":
         ds = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=recipe.n), seed=recipe.seed)
         return ds.split({"train": 0.7, "test": 0.3}, seed=recipe.seed)
     if recipe.task == "context_knob":
         from tunelens.tasks import context_knob as ck
+        from tunelens.tasks.facts import load_facts
+        from tunelens.tasks.knowledge import known_by
 
-        ds = ck.generate(ck.ContextKnobConfig(), seed=recipe.seed, tokenizer=tokenizer)
+        facts = load_facts(ck.ContextKnobConfig().relations)
+        known = [f for f, k in zip(facts, known_by(base.logits, tokenizer, facts), strict=True) if k]
+        ds = ck.generate(ck.ContextKnobConfig(), seed=recipe.seed, facts=known, tokenizer=tokenizer)
         return ds.split({"train": 0.4, "knob": 0.3, "test": 0.3}, seed=recipe.seed)
     if recipe.task == "mixture":
-        a = recipe_data(TaskRecipe(task="entity_tracking", n=recipe.n, seed=recipe.seed), tokenizer)
-        b = recipe_data(TaskRecipe(task="context_knob", n=0, seed=recipe.seed), tokenizer)
+        a = recipe_data(TaskRecipe(task="entity_tracking", n=recipe.n, seed=recipe.seed), base)
+        b = recipe_data(TaskRecipe(task="context_knob", n=0, seed=recipe.seed), base)
         train = Dataset(
             task="mixture",
             config={"parts": ["entity_tracking", "context_knob"]},
@@ -315,7 +324,7 @@ def _evaluate(model, tokenizer, data: dict[str, Dataset]) -> dict[str, dict[str,
 def _build_tuned(e: ZooEntry, progress: Progress) -> dict[str, Any]:
     base = load(e.base)
     tok = base.tokenizer
-    data = recipe_data(e.recipe, tok)
+    data = recipe_data(e.recipe, base)
 
     def fill(tmp: Path) -> dict[str, Any]:
         t0 = time.time()
