@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError
 from tunelens.tasks.base import Dataset, Encoded
 
@@ -49,11 +50,21 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
+def last_logits(model: nn.Module, tokens: TokenBatch) -> torch.Tensor:
+    """Next-token logits at each prompt's last real token, ``(batch, d_vocab)``.
+
+    Only the positions that are some prompt's last are unembedded (``logits_to_keep``): with Gemma's
+    262k-token vocabulary the unembedding of every position costs more than the rest of the model.
+    """
+    last = tokens.last
+    keep, inverse = torch.unique(last, return_inverse=True)
+    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, logits_to_keep=keep)
+    return out.logits[torch.arange(len(last)), inverse]
+
+
 def answer_loss(model: nn.Module, enc: Encoded) -> torch.Tensor:
     """Mean cross-entropy of the answer token at each prompt's last position."""
-    out = model(input_ids=enc.tokens.input_ids, attention_mask=enc.tokens.attention_mask)
-    last = out.logits[torch.arange(len(enc)), enc.tokens.last]
-    return nn.functional.cross_entropy(last, enc.answer_ids)
+    return nn.functional.cross_entropy(last_logits(model, enc.tokens), enc.answer_ids)
 
 
 @torch.no_grad()
@@ -64,8 +75,7 @@ def answer_accuracy(model: nn.Module, enc: Encoded, batch_size: int = 64) -> tup
     hits_r = hits_f = 0
     for start in range(0, len(enc), batch_size):
         part = enc.select(slice(start, start + batch_size))
-        logits = model(input_ids=part.tokens.input_ids, attention_mask=part.tokens.attention_mask).logits
-        last = logits[torch.arange(len(part)), part.tokens.last]
+        last = last_logits(model, part.tokens)
         cand = part.candidate_ids.clamp(min=0)
         cand_logits = last.gather(1, cand).masked_fill(part.candidate_ids < 0, float("-inf"))
         hits_r += (
