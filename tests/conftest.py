@@ -22,6 +22,24 @@ ET_PROMPTS = [
 ]
 
 
+def bpe_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained in memory on ``texts`` (real subword behaviour, in ~1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _data_home(tmp_path_factory):
     """Every test session builds its zoo in a fresh folder, never in the user's.

@@ -10,6 +10,7 @@ import transformers
 
 from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError, PairIncompatibleError, ShapeError
+from tunelens.models.tiny import TinyConfig, tiny_llama
 from tunelens.weights import (
     MATRIX_KINDS,
     LoraFactors,
@@ -33,17 +34,8 @@ LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def model() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    cfg = TinyConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=64)
+    return tiny_llama(cfg, vocab_size=64, seed=0)
 
 
 @pytest.fixture(scope="module")

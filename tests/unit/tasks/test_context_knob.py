@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.conftest import bpe_tokenizer
 from tunelens.errors import ConfigError, TaskError
 from tunelens.tasks.base import Dataset, answer_token_id
 from tunelens.tasks.context_knob import (
@@ -22,21 +22,6 @@ from tunelens.tasks.context_knob import (
     render,
 )
 from tunelens.tasks.facts import Fact, fact_prompt, fact_question, load_facts
-
-
-def _bpe_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory on ``texts`` (real subword behaviour, in ~1 s)."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
 
 def _facts(rows: list[tuple[str, str, str]]) -> list[Fact]:
@@ -64,7 +49,7 @@ def shipped() -> Dataset:
 @pytest.fixture(scope="module")
 def tokenizer(shipped) -> PreTrainedTokenizerFast:
     small = generate(ContextKnobConfig(relations=("capital", "landmark_city")), seed=0, facts=SMALL)
-    return _bpe_tokenizer(shipped.prompts + small.prompts + [e.answer for e in shipped.examples])
+    return bpe_tokenizer(shipped.prompts + small.prompts + [e.answer for e in shipped.examples])
 
 
 def _answers(relation: str) -> set[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.conftest import bpe_tokenizer
 from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError, ShapeError, TaskError
 from tunelens.tasks.base import answer_token_id
@@ -14,25 +14,10 @@ from tunelens.tasks.facts import RELATION_TEMPLATES, Fact, fact_prompt, load_fac
 from tunelens.tasks.knowledge import known_by, known_unknown, misleading_context, true_false
 
 
-def _bpe_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory on ``texts`` (real subword behaviour, in ~1 s)."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     facts = load_facts()
-    return _bpe_tokenizer([f"{fact_prompt(f)} {f.answer}." for f in facts])
+    return bpe_tokenizer([f"{fact_prompt(f)} {f.answer}." for f in facts])
 
 
 def _answers(relation: str) -> set[str]:
