@@ -223,6 +223,8 @@ def recipe_data(recipe: TaskRecipe, base: LoadedModel) -> dict[str, Dataset]:
 def _atomic_dir(name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
     final = path(name)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{name}-*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{name}-"))
     try:
         record = fill(tmp)
