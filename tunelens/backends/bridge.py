@@ -90,5 +90,12 @@ class BridgeBackend:
             stack.enter_context(torch.set_grad_enabled(grad))
             stack.enter_context(adapter_enabled(self._root, self._adapter))
             stack.enter_context(self._bridge.hooks(fwd_hooks=hooks))
-            out = self._bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type="logits")
-        return RunOutput(logits=out if logits else None, acts=acts)
+            if logits or any(s.kind == "logits" for s in sites):
+                out = self._bridge(batch.input_ids, attention_mask=batch.attention_mask, return_type="logits")
+            else:
+                # Nothing downstream of the last hooked layer is needed: stop there (no unembedding either).
+                if sites:
+                    stop = max(s.layer for s in sites) + 1
+                    self._bridge(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=stop)
+                out = None
+        return RunOutput(logits=out, acts=acts)

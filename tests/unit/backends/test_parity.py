@@ -192,3 +192,14 @@ def test_lora_switch_pair_views(tiny_lora_pair, kind):
     assert _masked_max(got_base, want_base, batch.attention_mask) <= 1e-5
     assert _masked_max(got_tuned, want_tuned, batch.attention_mask) <= 1e-5
     assert base.content_hash != tuned.content_hash
+
+
+def test_reads_without_logits_stop_early_and_agree(arch_model):
+    batch = arch_model.encode(ET_PROMPTS)
+    sites = [Site("resid_post", 0), Site("z", 0)]
+    full = arch_model.backend("bridge").run(batch, reads=sites)
+    early = arch_model.backend("bridge").run(batch, reads=sites, logits=False)
+    assert early.logits is None
+    for s in sites:
+        assert torch.equal(full.acts[s], early.acts[s])
+    assert arch_model.backend("bridge").attached_hooks() == 0
