@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tunelens.errors import TunelensError
+from tunelens.errors import ConfigError, TunelensError
 
 log = logging.getLogger("tunelens")
 
@@ -115,9 +115,7 @@ def _task_dataset(task: str, n: int, seed: int, tokenizer):
         return ck.generate(ck.ContextKnobConfig(n_items=max(1, n // 2)), seed=seed, tokenizer=tokenizer)
     path = Path(task)
     if not path.is_file():
-        raise TunelensError(
-            f"--task must be 'entity_tracking', 'context_knob' or a prompt file; got {task!r}"
-        )
+        raise ConfigError(f"--task must be 'entity_tracking', 'context_knob' or a prompt file; got {task!r}")
     prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
     examples = tuple(Example(prompt=p, answer=" ", item_id=str(i)) for i, p in enumerate(prompts))
     return Dataset(task=f"prompts:{path.name}", config={"file": str(path)}, examples=examples)
