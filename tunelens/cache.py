@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tunelens.backends.base import at_positions
 from tunelens.errors import ConfigError, PromptError
 from tunelens.models.loaded import BACKENDS, LoadedModel
 from tunelens.models.pair import ModelPair
@@ -106,22 +107,13 @@ def capture(
                 if s.kind == "pattern":
                     act = _pad_to(act, full_len, act.ndim - 1)
             else:
-                act = _at(act, s, positions[start : start + len(part)])
+                act = at_positions(act, s, positions[start : start + len(part)])
                 if s.kind == "pattern":
                     act = _pad_to(act, full_len, act.ndim - 1)
             parts[s].append(act.to("cpu", dtype))
         if progress is not None:
             progress(min(start + cfg.batch_size, len(enc)), len(enc))
     return {s: torch.cat(v) for s, v in parts.items()}
-
-
-def _at(act: Tensor, site: Site, positions: Tensor) -> Tensor:
-    """One position per example of a (head-selected) activation; for ``pattern`` the query position."""
-    rows = torch.arange(act.shape[0], device=act.device)
-    positions = positions.to(act.device)
-    if site.kind == "pattern" and site.head is None:
-        return act[rows, :, positions]
-    return act[rows, positions]
 
 
 def capture_pair(

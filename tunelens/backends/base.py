@@ -179,9 +179,8 @@ def _index(act: Tensor, site: Site, positions: Positions) -> tuple:
     return (rows, slice(None), pos) if pos.ndim == 1 else (rows[..., None], slice(None), pos[:, None, :])
 
 
-def gather(act: Tensor, site: Site, positions: Positions = None) -> Tensor:
-    """Select a site's head and positions from a whole-site activation."""
-    act = select_head(act, site)
+def at_positions(act: Tensor, site: Site, positions: Positions = None) -> Tensor:
+    """``positions`` of a (head-selected) activation of ``site``; for ``pattern`` the query position."""
     return act if positions is None else act[_index(act, site, positions)]
 
 
