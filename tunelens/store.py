@@ -22,12 +22,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tunelens.errors import ConfigError, ShapeError, StoreCorruptError, StoreError, StoreMismatchError
+from tunelens.io import TMP_SUFFIX as _TMP_SUFFIX
+from tunelens.io import atomic_write, file_digest
 from tunelens.sites import Site
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST = "manifest.json"
 FORMAT = "tunelens-activation-store/1"
-_TMP_SUFFIX = ".tmp"
 # What identifies the data, in the order a mismatch is reported (sources and extra are informational).
 IDENTITY_FIELDS = ("models", "sites", "positions", "dtype", "dataset_hash", "n_items", "shard_size")
 
@@ -128,40 +127,6 @@ class StoreSpec:
             if (set(ours) != set(theirs)) if name == "sites" else (ours != theirs):
                 return name, ours, theirs
         return None
-
-
-def _atomic_write(
-    dest: Path, write: Callable[[Path], None], before_replace: Callable[[], None] | None = None
-) -> None:
-    """Write ``dest`` via a temp file in its folder: write, fsync, ``before_replace()``, ``os.replace``.
-
-    The temp file is removed in every case, so a failure (disk full, a kill signal turned into an
-    exception) leaves the old ``dest`` as it was and nothing else behind.
-    """
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=_TMP_SUFFIX)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, dest)
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-            dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ActivationStore:
@@ -289,13 +254,13 @@ class ActivationStore:
 
         def write(tmp: Path) -> None:
             save_file(out, str(tmp), metadata={"items": f"{items.start}:{items.stop}"})
-            record.update(bytes=tmp.stat().st_size, sha256=_file_digest(tmp))
+            record.update(bytes=tmp.stat().st_size, sha256=file_digest(tmp))
 
         def unrecord() -> None:  # overwriting: a crash between here and the new record leaves it "missing"
             if self._shards.pop(i, None) is not None:
                 self._write_manifest()
 
-        _atomic_write(dest, write, before_replace=unrecord)
+        atomic_write(dest, write, before_replace=unrecord)
         self._shards[i] = record
         self._write_manifest()
         logger.debug("wrote %s (%d bytes)", dest, record["bytes"])
@@ -303,7 +268,7 @@ class ActivationStore:
     def _write_manifest(self) -> None:
         shards = {str(k): v for k, v in self._shards.items()}
         text = json.dumps({"format": FORMAT, "spec": self._spec.to_dict(), "shards": shards}, indent=2)
-        _atomic_write(self._path / MANIFEST, lambda tmp: tmp.write_text(text))
+        atomic_write(self._path / MANIFEST, lambda tmp: tmp.write_text(text))
 
     # --- checking and reading --------------------------------------------------------------------------
     def verify(self, i: int | None = None) -> None:
@@ -318,7 +283,7 @@ class ActivationStore:
                 raise StoreCorruptError(
                     f"shard file {file} has {size} bytes, the manifest says {rec['bytes']}"
                 )
-            if (digest := _file_digest(file)) != rec["sha256"]:
+            if (digest := file_digest(file)) != rec["sha256"]:
                 raise StoreCorruptError(
                     f"shard file {file}: sha256 {digest}, the manifest says {rec['sha256']}"
                 )

@@ -1,0 +1,88 @@
+"""Directions and metrics against numpy and scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tunelens.directions import Direction, class_means, diff_of_means
+from tunelens.errors import ShapeError
+from tunelens.metrics import accuracy, auroc, binomial_ci, ece, mean_ci
+from tunelens.sites import Site
+
+SITE = Site("resid_post", 0)
+
+
+def test_diff_of_means_matches_numpy():
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(50, 7, generator=gen)
+    labels = torch.randint(0, 2, (50,), generator=gen)
+    d = diff_of_means(acts, labels, site=SITE)
+    a, lab = acts.numpy(), labels.numpy()
+    delta = a[lab == 1].mean(0) - a[lab == 0].mean(0)
+    np.testing.assert_allclose(d.vector.numpy(), delta / np.linalg.norm(delta), atol=1e-6)
+    assert d.scale == pytest.approx(np.linalg.norm(delta), rel=1e-5)
+    _, means = class_means(acts, labels)
+    np.testing.assert_allclose(means[0].numpy(), a[lab == 0].mean(0), atol=1e-6)
+
+
+def test_direction_projection_and_cosine():
+    d = Direction(site=SITE, vector=torch.tensor([0.0, 2.0]))
+    assert d.project(torch.tensor([[1.0, 3.0]])).tolist() == [3.0]
+    assert d.cosine(torch.tensor([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2))
+    with pytest.raises(ShapeError, match="width 2, but the activations have width 3"):
+        d.project(torch.ones(1, 3))
+
+
+@pytest.mark.parametrize(
+    "vector, match",
+    [(torch.zeros(3), "zero vector"), (torch.tensor([1.0, float("nan")]), "NaN"), (torch.ones(2, 2), "1-d")],
+)
+def test_bad_directions(vector, match):
+    with pytest.raises(ShapeError, match=match):
+        Direction(site=SITE, vector=vector)
+
+
+def test_diff_of_means_needs_two_classes():
+    with pytest.raises(ShapeError, match="exactly two classes, got 3"):
+        diff_of_means(torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2]), site=SITE)
+
+
+def test_auroc_matches_sklearn_with_ties():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (300,), generator=gen).float()
+    labels = torch.randint(0, 2, (300,), generator=gen)
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+    with pytest.raises(ShapeError, match="both classes"):
+        auroc(scores, torch.zeros(300))
+
+
+def test_ece_matches_a_direct_loop():
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(400, 3, generator=gen) * 2, dim=1)
+    labels = torch.randint(0, 3, (400,), generator=gen)
+    conf, pred = probs.max(1)
+    expected = 0.0
+    for lo in np.linspace(0, 1, 11)[:-1]:
+        m = (conf >= lo) & (conf < lo + 0.1)
+        if m.any():
+            expected += m.float().mean().item() * abs(
+                conf[m].mean().item() - (pred[m] == labels[m]).float().mean().item()
+            )
+    assert ece(probs, labels) == pytest.approx(expected, abs=1e-6)
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    assert ece(one_hot, labels) == 0.0
+
+
+def test_accuracy_and_intervals():
+    assert accuracy(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1])) == pytest.approx(2 / 3)
+    mean, lo, hi = mean_ci([0.5, 0.7, 0.6])
+    assert mean == pytest.approx(0.6) and lo < 0.6 < hi
+    lo, hi = binomial_ci(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    with pytest.raises(ShapeError, match="3 scores but 2 labels"):
+        accuracy(torch.ones(3), torch.ones(2))

@@ -1,0 +1,88 @@
+"""Metrics shared by the analyses: accuracy, AUROC, expected calibration error, confidence intervals.
+
+All take torch tensors and return Python floats (or tensors for batched forms), and are checked against
+scikit-learn in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tunelens.errors import ShapeError
+
+
+def _check_same_length(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ShapeError(f"{what}: {a.shape[0]} scores but {b.shape[0]} labels")
+    if a.shape[0] == 0:
+        raise ShapeError(f"{what}: no items")
+
+
+def accuracy(pred: Tensor, labels: Tensor) -> float:
+    _check_same_length(pred, labels, "accuracy")
+    return float((pred == labels).float().mean())
+
+
+def auroc(scores: Float[Tensor, " batch"], labels: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive); ties count one half."""
+    _check_same_length(scores, labels, "auroc")
+    labels = labels.bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ShapeError(f"auroc needs both classes, got {n_pos} positive and {n_neg} negative labels")
+    ranks = _average_ranks(scores.double())
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def ece(probs: Float[Tensor, "batch n_class"], labels: Tensor, *, n_bins: int = 10) -> float:
+    """Expected calibration error of the top-class confidence, equal-width bins on [0, 1]."""
+    if probs.ndim != 2:
+        raise ShapeError(f"ece expects probabilities [batch, n_class], got {tuple(probs.shape)}")
+    _check_same_length(probs, labels, "ece")
+    conf, pred = probs.double().max(dim=1)
+    correct = (pred == labels).double()
+    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            total += float(m.double().mean() * (conf[m].mean() - correct[m].mean()).abs())
+    return total
+
+
+def mean_ci(values: list[float] | Tensor, *, z: float = 1.96) -> tuple[float, float, float]:
+    """Mean and a normal-approximation confidence interval (mean ± z·sd/√n) over seeds or items."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if v.numel() == 0:
+        raise ShapeError("mean_ci needs at least one value")
+    mean = float(v.mean())
+    if v.numel() == 1:
+        return mean, mean, mean
+    half = z * float(v.std(unbiased=True)) / math.sqrt(v.numel())
+    return mean, mean - half, mean + half
+
+
+def binomial_ci(p: float, n: int, *, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for an accuracy ``p`` measured on ``n`` items."""
+    if n <= 0:
+        raise ShapeError(f"binomial_ci needs n > 0 items, got {n}")
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return centre - half, centre + half
