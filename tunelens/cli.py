@@ -34,7 +34,7 @@ def _say(msg: str) -> None:
 def _pair(args):
     from tunelens.models.loading import load_pair
 
-    return load_pair(args.pair, args.tuned, device=args.device)
+    return load_pair(args.pair, args.tuned, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_zoo_list(args) -> int:
@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelens", description="What did fine-tuning change inside this model?")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model folder run the Python code it ships (off by default; only for folders you trust)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     zoo_p = sub.add_parser("zoo", help="list or build zoo models").add_subparsers(
