@@ -558,6 +558,9 @@ def test_case_ids_are_unique():
     assert len(ids) == len(set(ids))
 
 
+SEEN: dict[str, str] = {}  # case id -> the message it produced, for the catalogue in docs/
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input_raises_a_clear_error(case: Case, ctx: Ctx):
     with pytest.raises(case.error) as info:
@@ -566,3 +569,42 @@ def test_bad_input_raises_a_clear_error(case: Case, ctx: Ctx):
     pattern = case.match(ctx) if callable(case.match) else case.match
     assert re.search(pattern, message), f"message {message!r} does not match {pattern!r}"
     assert "\n" not in message, f"an error message is one line (the CLI prints it as one): {message!r}"
+    SEEN[case.id] = re.sub(re.escape(str(ctx.tmp)), "TMP", message)
+
+
+def _catalogue_rows() -> list[tuple[str, str, str]]:
+    lines = CATALOGUE.read_text().splitlines() if CATALOGUE.exists() else []
+    rows = [line.split(" | ") for line in lines if line.startswith("| `")]
+    return [(r[0].strip("| `"), r[1].strip("` "), r[2].strip(" |")) for r in rows]
+
+
+def test_catalogue_in_the_docs_is_current():
+    """docs/bad-inputs.md lists every case with its error class and the message a user sees.
+
+    Regenerate it with ``TUNELENS_WRITE_CATALOGUE=1 pytest tests/unit/test_bad_inputs.py``.
+    """
+    if os.environ.get("TUNELENS_WRITE_CATALOGUE") == "1":
+        missing = [c.id for c in CASES if c.id not in SEEN]
+        assert not missing, f"run the whole file to write the catalogue; not run: {missing}"
+        head = CATALOGUE_HEAD.format(n=len(CASES))
+        body = "".join(
+            f"| `{c.id}` | `{c.error.__name__}` | {SEEN[c.id].replace('|', '/')} |\n" for c in CASES
+        )
+        CATALOGUE.write_text(head + body)
+    rows = _catalogue_rows()
+    assert [(r[0], r[1]) for r in rows] == [(c.id, c.error.__name__) for c in CASES], (
+        "docs/bad-inputs.md is out of date: TUNELENS_WRITE_CATALOGUE=1 pytest tests/unit/test_bad_inputs.py"
+    )
+
+
+CATALOGUE = Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md"
+CATALOGUE_HEAD = """# Bad inputs and what tunelens says
+
+Every row is a case of the parametrised test `tests/unit/test_bad_inputs.py` ({n} cases): the input, the
+`TunelensError` subclass it raises, and the one-line message the user sees (in the CLI: on stderr, exit
+status 2, no traceback). Generated from the test; regenerate with
+`TUNELENS_WRITE_CATALOGUE=1 .venv/bin/python -m pytest tests/unit/test_bad_inputs.py`.
+
+| case | error | message |
+|---|---|---|
+"""
