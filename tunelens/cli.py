@@ -161,7 +161,7 @@ def cmd_cache(args) -> int:
 def cmd_demo(args) -> int:
     from tunelens.demo import run_demo
 
-    run_demo(Path(args.out), progress=_say)
+    run_demo(Path(args.out), progress=_say, only=args.only.split(",") if args.only else None)
     return 0
 
 
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run every analysis on the SmolLM2 pair at reduced settings")
     d.add_argument("--out", default="results/demo", help="results folder (default results/demo)")
+    d.add_argument("--only", default=None, help="comma-separated analysis steps to (re)run, e.g. probes,knob")
     d.set_defaults(func=cmd_demo)
     return p
 

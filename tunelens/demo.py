@@ -1,19 +1,28 @@
 """``tunelens demo``: the main job, on the real SmolLM2 pair at reduced, stated settings.
 
 Steps run in order and each writes its part of the results folder; every step's settings are in
-:data:`SETTINGS` and printed. Analysis packages add their steps here as they land.
+:data:`SETTINGS` (core steps) or in the analysis's own ``demo_step`` (printed as it runs). Analyses add
+their step to :data:`ANALYSES` as ``"module:function"``; a step that fails is recorded in the summary and
+the demo goes on with the next, so one failure never loses the other results (the command still exits
+non-zero). At the end the demo writes the HTML report and says how to open the app on the results.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelens.errors import ConfigError, JobError
+from tunelens.io import atomic_write_json
 from tunelens.models.pair import ModelPair
+
+log = logging.getLogger(__name__)
+
 
 Progress = Callable[[str], None]
 
@@ -68,11 +77,32 @@ STEPS: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
     ("check", _step_check),
     ("cache", _step_cache),
 ]
+# Analysis steps, resolved lazily so the core never imports an analysis package at import time.
+ANALYSES: list[tuple[str, str]] = []
 
 
-def run_demo(out: Path, *, progress: Progress = print) -> dict[str, Any]:
-    """Build the SmolLM2 pair if needed, run every step, write ``out/summary.json``; returns the summary."""
+def _resolve(target: str) -> Callable[[DemoContext], dict[str, Any]]:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def steps() -> list[tuple[str, Callable[[DemoContext], dict[str, Any]] | str]]:
+    return [*STEPS, *ANALYSES]
+
+
+def run_demo(out: Path, *, progress: Progress = print, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build the SmolLM2 pair if needed, run every step, write ``out/summary.json``; returns the summary.
+
+    ``only`` runs the core steps and the named analysis steps (e.g. ``["probes"]``), keeping the other
+    steps' entries of an earlier ``summary.json`` in the same folder.
+    """
     from tunelens.models import zoo
+
+    names = [n for n, _ in ANALYSES]
+    if only is not None and (unknown := sorted(set(only) - set(names))):
+        raise ConfigError(f"unknown demo step(s) {unknown}; the analysis steps are {names}")
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -84,15 +114,32 @@ def run_demo(out: Path, *, progress: Progress = print) -> dict[str, Any]:
         zoo.build(name, progress=lambda msg: progress("  " + msg))
     pair = zoo.load_pair(SETTINGS["pair"])
     summary: dict[str, Any] = {"settings": SETTINGS, "steps": {}}
+    if only is not None and (out / "summary.json").exists():
+        summary["steps"] = json.loads((out / "summary.json").read_text()).get("steps", {})
     ctx = DemoContext(out=out, pair=pair, progress=progress, summary=summary)
-    for name, step in STEPS:
+    failed = []
+    for name, step in steps():
+        if only is not None and name in names and name not in only:
+            continue
         t = time.time()
         progress(f"[{name}] ...")
-        summary["steps"][name] = step(ctx)
+        try:
+            fn = _resolve(step) if isinstance(step, str) else step
+            summary["steps"][name] = fn(ctx)
+        except Exception as exc:  # one failed analysis must not lose the others' results
+            if name in ("models", "check"):
+                raise
+            log.exception("demo step %s failed", name)
+            summary["steps"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append(name)
+            progress(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
         summary["steps"][name]["seconds"] = round(time.time() - t, 1)
+        atomic_write_json(out / "summary.json", summary)
         progress(f"[{name}] done in {time.time() - t:.0f} s")
     summary["seconds"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["failed"] = failed
+    atomic_write_json(out / "summary.json", summary)
+    _report(out, summary, progress)
     tuned = summary["steps"]["models"]["tuned"]
     for split, acc in tuned.get("tuned_accuracy", {}).items():
         before = tuned["base_accuracy"][split]["accuracy"]
@@ -101,4 +148,18 @@ def run_demo(out: Path, *, progress: Progress = print) -> dict[str, Any]:
             f"({acc['n']} held-out prompts)"
         )
     progress(f"demo finished in {summary['seconds']:.0f} s; results in {out.resolve()}/summary.json")
+    progress(f"open the app on these results: .venv/bin/tunelens app {out}")
+    if failed:
+        raise JobError(f"demo steps failed: {', '.join(failed)} (the other results are in {out})")
     return summary
+
+
+def _report(out: Path, summary: dict[str, Any], progress: Progress) -> None:
+    try:
+        from tunelens.report import write_report
+    except ImportError:  # the report face is optional while it is being built
+        return
+    path = write_report(out)
+    summary["report"] = str(path)
+    atomic_write_json(out / "summary.json", summary)
+    progress(f"report: {path.resolve()}")
