@@ -1,0 +1,123 @@
+"""Binary logistic probes by Newton's method in the span of the training examples (few, cheap iterations).
+
+The L2-penalised optimum lies in the row space of the training activations: ``w = Xᵀα``. With the Gram
+matrix ``K = XXᵀ`` (``n × n``, computed once per layer and shared by all label sets of that layer) the
+logits are ``Kα + b`` and the Newton step of the *primal* problem (scikit-learn's objective, intercept
+unpenalised) restricted to that span is the solution of
+
+    (K/n + λD⁻¹) Δα + 1·Δb/n = −D⁻¹(r/n + λα),    1ᵀ(α + Δα) = 0,
+
+with ``r = p − y``, ``D = diag(p(1 − p))``, ``λ = 1/(C·n)``: one Cholesky factorisation of an ``n × n``
+matrix per problem and iteration. Newton needs ~10 iterations whatever the conditioning of the
+activations, where L-BFGS needs hundreds on real residual streams; the iterations are dense matrix
+products and factorisations, which a CPU runs near its peak. It suits ``n`` up to a few thousand.
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(2, 300, 40, dtype=torch.float64)
+    >>> y = (x[:, :, 0] + 0.5 * torch.randn(2, 300, dtype=torch.float64) > 0).long()[:, None]
+    >>> fit = fit_logistic_newton(x, y, C=1.0)
+    >>> fit.weight.shape, bool(fit.converged.all())
+    (torch.Size([2, 1, 40, 1]), True)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from probes.logistic import LinearFit
+
+
+def _objective(z: Tensor, y: Tensor, alpha: Tensor, b: Tensor, lam: float) -> Tensor:
+    """Mean log-loss + (λ/2)‖w‖², with ‖w‖² = αᵀKα = αᵀ(z − b)."""
+    data = (F.softplus(z) - y * z).mean(-1)
+    return data + 0.5 * lam * (alpha * (z - b[..., None])).sum(-1)
+
+
+def fit_logistic_newton(
+    x: Float[Tensor, "layer batch d_model"],
+    y: Int[Tensor, "layer target batch"],
+    *,
+    C: float,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    max_elements: int = 30_000_000,
+) -> LinearFit:
+    """Binary logistic probes (labels 0/1) for every layer and label set; weights ``[layer, target, d, 1]``.
+
+    Stops a problem when the largest entry of the primal gradient (of the mean objective) is below
+    ``tol`` — scikit-learn's criterion. Layers are taken in chunks of at most ``max_elements`` matrix
+    entries (``layer × target × batch²``) to bound memory.
+    """
+    per_layer = y.shape[1] * x.shape[1] ** 2
+    step = max(1, max_elements // per_layer)
+    if x.shape[0] > step:
+        parts = [
+            fit_logistic_newton(
+                x[i : i + step], y[i : i + step], C=C, max_iter=max_iter, tol=tol, max_elements=max_elements
+            )
+            for i in range(0, x.shape[0], step)
+        ]
+        return LinearFit(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "converged", "n_iter"))
+        )
+    x = x.double()
+    n_layer, n, _ = x.shape
+    n_target = y.shape[1]
+    lam = 1.0 / (C * n)
+    yf = y.double()  # [layer, target, batch]
+    gram = torch.bmm(x, x.transpose(1, 2))  # [layer, batch, batch]
+    gram_n = (gram / n)[:, None].expand(-1, n_target, -1, -1)  # indexed per problem below
+    ones = torch.ones(n, dtype=torch.float64)
+    alpha = torch.zeros(n_layer, n_target, n, dtype=torch.float64)
+    b = torch.zeros(n_layer, n_target, dtype=torch.float64)
+    z = torch.zeros_like(alpha)
+    active = torch.ones(n_layer, n_target, dtype=torch.bool)
+    n_iter = torch.zeros(n_layer, n_target, dtype=torch.long)
+    grad_max = torch.full((n_layer, n_target), float("inf"), dtype=torch.float64)
+    for _ in range(max_iter + 1):
+        p = torch.sigmoid(z)
+        r = p - yf
+        gvec = r / n + lam * alpha  # primal gradient: g_w = Xᵀ gvec, g_b = mean(r)
+        g_w = torch.bmm(gvec, x)  # [layer, target, d]
+        grad_max = torch.maximum(g_w.abs().amax(-1), r.mean(-1).abs())
+        active = active & (grad_max > tol)
+        if not active.any() or int(n_iter.max()) >= max_iter:
+            break
+        dvec = (p * (1 - p)).clamp_min(1e-10)
+        h = -gvec / dvec
+        # P = K/n + λD⁻¹, factorised for the problems still moving only
+        li, ti = active.nonzero(as_tuple=True)
+        P = gram_n[li, ti]
+        P.diagonal(dim1=-2, dim2=-1).add_(lam / dvec[li, ti])
+        chol, info = torch.linalg.cholesky_ex(P)
+        rhs = torch.stack([h[li, ti], ones.expand(len(li), n)], -1)  # [problem, batch, 2]
+        sol = torch.cholesky_solve(rhs, chol)
+        u, v = sol[..., 0], sol[..., 1]
+        db_a = n * (u.sum(-1) + alpha[li, ti].sum(-1)) / v.sum(-1)
+        ok_a = info == 0
+        da_a = torch.where(ok_a[:, None], u - v * db_a[:, None] / n, torch.zeros_like(u))
+        da = torch.zeros_like(alpha).index_put_((li, ti), da_a)
+        db = torch.zeros_like(b).index_put_((li, ti), torch.where(ok_a, db_a, torch.zeros_like(db_a)))
+        ok = torch.zeros_like(active).index_put_((li, ti), ok_a)
+        dz = torch.bmm(da, gram) + db[..., None]  # K symmetric: (KΔα)ᵀ = Δαᵀ K
+        # Armijo backtracking along the Newton direction (the step is 1 near the optimum)
+        f0 = _objective(z, yf, alpha, b, lam)
+        slope = (gvec * (dz - db[..., None])).sum(-1) + r.mean(-1) * db
+        t = torch.ones_like(f0)
+        for _ in range(30):
+            f1 = _objective(z + t[..., None] * dz, yf, alpha + t[..., None] * da, b + t * db, lam)
+            good = (f1 <= f0 + 1e-4 * t * slope) | ~ok
+            if good.all():
+                break
+            t = torch.where(good, t, t / 2)
+        t = torch.where(ok, t, torch.zeros_like(t))
+        alpha, b, z = alpha + t[..., None] * da, b + t * db, z + t[..., None] * dz
+        n_iter = n_iter + ok.long()
+        stuck = ok & (t < 1e-8)
+        active = active & ~stuck & ok
+    w = torch.bmm(alpha, x)  # [layer, target, d]
+    return LinearFit(weight=w[..., None], bias=b[..., None], converged=grad_max <= tol, n_iter=n_iter)
