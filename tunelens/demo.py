@@ -78,7 +78,9 @@ STEPS: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
     ("cache", _step_cache),
 ]
 # Analysis steps, resolved lazily so the core never imports an analysis package at import time.
-ANALYSES: list[tuple[str, str]] = []
+ANALYSES: list[tuple[str, str]] = [
+    ("probes", "probes.studies:demo_step"),
+]
 
 
 def _resolve(target: str) -> Callable[[DemoContext], dict[str, Any]]:
