@@ -80,6 +80,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
 # Analysis steps, resolved lazily so the core never imports an analysis package at import time.
 ANALYSES: list[tuple[str, str]] = [
     ("probes", "probes.studies:demo_step"),
+    ("circuits", "circuits.study:demo_step"),
 ]
 
 
