@@ -161,3 +161,8 @@ def demo_step(ctx) -> dict:
 def reproduce_step(ctx) -> dict:
     """The larger settings (see :data:`FULL`)."""
     return run_study(ctx.pair, FULL, Path(ctx.out) / "circuits", ctx.progress)
+
+
+def reproduce(pair: Any, out: Path, *, progress: Callable[[str], None] = log.info) -> dict:
+    """``tunelens reproduce``: the study at :data:`FULL` size; ``out`` is the folder the job gives it."""
+    return run_study(pair, FULL, Path(out), progress)

@@ -64,6 +64,7 @@ PROBE_JOBS: dict[str, dict[str, Any]] = {
 STUDIES: list[tuple[str, str, str | None]] = [
     ("environment", "tunelens.jobs.reproduce:environment", None),
     ("probes", "probes.studies:reproduce", "smollm2-et"),
+    ("circuits", "circuits.study:reproduce", "smollm2-et"),
 ]
 
 
