@@ -1,0 +1,621 @@
+"""Skill localisation by grafting (Panigrahi, Saunshi, Zhao, Arora, ICML 2023; spec §3).
+
+A binary mask ``γ`` over the fine-tuning update ``τ = θ_tuned − θ_base`` selects a few coordinates; the
+grafted model is ``θ(γ) = θ_base + γ ⊙ τ`` (evaluated exactly as ``where(γ, θ_tuned, θ_base)``, so the
+all-ones mask *is* the tuned model and the all-zeros mask the base, bit for bit).
+
+The mask is learned as in the reference code (``graft_trainer.py``): ``γ_base`` = the top ``s·N``
+coordinates by ``|τ|``; real scores ``S ~ U[0, 1)``, bias ``b = 10``,
+``γ = γ_base + (1 − 2γ_base) ⊙ σ(S − b)``; plain gradient steps
+``S ← S − lr · (1 − 2γ_base) ⊙ ∂L/∂θ|_{θ(γ)} ⊙ τ ⊙ σ'(S − b)`` with the gradient taken *at the grafted
+model*, full batch; after each step the rounded mask is scored on fit + dev accuracy and the best is kept.
+``lr`` is set from the first step (``lr=None``): the ``s·N``-th largest step then has size ``step_size``
+(the reference's hand-tuned ``1e7`` has no meaning across models, spec §3.5).
+
+Baselines at the same number of coordinates: the untrained ``γ_base`` (top-|τ|) and a uniformly random
+mask. Sparsity is a fraction of the *graft set*: by default every linear matrix and norm weight of every
+layer (embeddings and LM head are frozen in the zoo's full fine-tunes; say so when restricting it).
+
+Example:
+    >>> res = graft(pair, {"entity_tracking": data}, GraftConfig(sparsities=(1e-3,)))  # doctest: +SKIP
+    >>> res.curve.query("method == 'graft'").accuracy  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tunelens.errors import ConfigError, PairIncompatibleError, TaskError
+from tunelens.metrics import ece
+from tunelens.models.loaded import LoadedModel
+from tunelens.models.pair import ModelPair
+from tunelens.results import Result, pair_provenance
+from tunelens.tasks.base import Dataset, Encoded
+from tunelens.weights import MATRIX_KINDS, functional_forward, matrix_name_of, read_matrix, trainable_params
+
+log = logging.getLogger(__name__)
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+NORM = "norm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraftConfig:
+    """Mask training settings. ``kinds`` may hold matrix kinds and ``"norm"``; ``layers`` None = all.
+
+    ``max_fit`` / ``max_dev`` cap the examples the mask is fitted / selected on (taken from the task's
+    *train* split, split by item); the reported accuracies are on the task's test split.
+    """
+
+    sparsities: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    steps: int = 10
+    lr: float | None = None
+    step_size: float = 4.0
+    sigmoid_bias: float = 10.0
+    batch_size: int = 32
+    max_fit: int = 128
+    max_dev: int = 64
+    kinds: tuple[str, ...] = (*MATRIX_KINDS, NORM)
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sparsities:
+            raise ConfigError("sparsities must not be empty")
+        for s in self.sparsities:
+            if not 0 < s <= 1:
+                raise ConfigError(f"each sparsity must be in (0, 1] (fraction of the graft set), got {s}")
+        if self.steps < 1 or self.batch_size < 1 or self.max_fit < 1 or self.max_dev < 0:
+            raise ConfigError(
+                f"steps, batch_size, max_fit must be >= 1 and max_dev >= 0; got {self.steps}, "
+                f"{self.batch_size}, {self.max_fit}, {self.max_dev}"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0 or None (automatic), got {self.lr}")
+        if not self.step_size > 0 or not self.sigmoid_bias > 0:
+            raise ConfigError("step_size and sigmoid_bias must be > 0")
+        for k in self.kinds:
+            if k not in (*MATRIX_KINDS, NORM):
+                raise ConfigError(f"unknown kind {k!r}; expected some of {', '.join((*MATRIX_KINDS, NORM))}")
+
+
+# ------------------------------------------------------------------------------------- graft space
+
+
+@dataclass
+class GraftSpace:
+    """The graft set: parameter names (canonical), base and tuned values, and the update τ."""
+
+    names: list[str]
+    base: dict[str, Tensor]
+    tuned: dict[str, Tensor]
+    delta: dict[str, Tensor]
+    outside_differ: list[str] = field(default_factory=list)  # differing parameters left at base
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.base.values())
+
+    def grafted(self, mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Parameters of the grafted model for a binary mask: tuned where the mask is set, base elsewhere."""
+        return {n: torch.where(mask[n], self.tuned[n], self.base[n]) for n in self.names}
+
+    def full_mask(self, value: bool) -> dict[str, Tensor]:
+        return {n: torch.full_like(self.base[n], value, dtype=torch.bool) for n in self.names}
+
+
+def _layer_kind(name: str) -> tuple[int | None, str]:
+    mat = matrix_name_of(name)
+    if mat is not None:
+        return mat.layer, mat.kind
+    m = _LAYER_RE.search(name)
+    return (int(m[1]) if m else None), NORM
+
+
+def _params(model: LoadedModel) -> dict[str, Tensor]:
+    """Effective values of the graftable parameters (LoRA updates added for an adapter-on view)."""
+    params = dict(trainable_params(model.module, include_norms=True))
+    if model.adapter is True:
+        with model.active() as module:
+            for n in params:
+                mat = matrix_name_of(n)
+                if mat is not None:
+                    params[n] = read_matrix(module, mat)
+    return params
+
+
+def graft_space(
+    base: LoadedModel,
+    tuned: LoadedModel,
+    *,
+    kinds: Sequence[str] = (*MATRIX_KINDS, NORM),
+    layers: Sequence[int] | None = None,
+) -> GraftSpace:
+    """The graft set of a pair; :class:`PairIncompatibleError` if parameter names or shapes differ."""
+    pb, pt = _params(base), _params(tuned)
+    if set(pb) != set(pt):
+        only_b, only_t = sorted(set(pb) - set(pt)), sorted(set(pt) - set(pb))
+        first = (only_b or only_t)[0]
+        raise PairIncompatibleError(
+            f"cannot graft: parameter {first!r} is only in the {'base' if only_b else 'tuned'} model "
+            f"({len(only_b)} names only in base, {len(only_t)} only in tuned); grafting needs two models "
+            "with the same parameter names"
+        )
+    names, outside = [], []
+    for n in pb:
+        if pb[n].shape != pt[n].shape:
+            raise PairIncompatibleError(
+                f"cannot graft: parameter {n!r} has shape {tuple(pb[n].shape)} in the base model but "
+                f"{tuple(pt[n].shape)} in the tuned model"
+            )
+        layer, kind = _layer_kind(n)
+        if kind in kinds and (layers is None or layer in layers):
+            names.append(n)
+        elif not torch.equal(pb[n], pt[n]):
+            outside.append(n)
+    if not names:
+        raise ConfigError(f"the graft set is empty for kinds {tuple(kinds)} and layers {layers}")
+    return GraftSpace(
+        names=names,
+        base={n: pb[n] for n in names},
+        tuned={n: pt[n] for n in names},
+        delta={n: (pt[n] - pb[n]).float() for n in names},
+        outside_differ=outside,
+    )
+
+
+def top_mask(scores: Mapping[str, Tensor], n_keep: int) -> dict[str, Tensor]:
+    """Boolean masks with exactly ``n_keep`` coordinates set: the largest ``scores``, all tensors jointly."""
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    total = sum(sizes)
+    if not 0 <= n_keep <= total:
+        raise ConfigError(f"cannot keep {n_keep} of {total} coordinates")
+    flat = torch.zeros(total, dtype=torch.bool)
+    if n_keep:
+        idx = torch.topk(
+            torch.cat([scores[n].reshape(-1).float() for n in names]), n_keep, sorted=False
+        ).indices
+        flat[idx] = True
+    return {n: part.view_as(scores[n]) for n, part in zip(names, flat.split(sizes), strict=True)}
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+def _forward_last(model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded) -> Tensor:
+    last = enc.tokens.last
+    keep, inverse = torch.unique(last, return_inverse=True)
+    kwargs = {
+        "input_ids": enc.tokens.input_ids,
+        "attention_mask": enc.tokens.attention_mask,
+        "logits_to_keep": keep,
+    }
+    with model.active() as module:
+        out = functional_forward(module, params, **kwargs) if params else module(**kwargs)
+    return out.logits[torch.arange(len(last)), inverse]
+
+
+def _candidate_logits(logits: Tensor, enc: Encoded) -> tuple[Tensor, Tensor]:
+    cand = enc.candidate_ids.clamp(min=0)
+    cl = logits.gather(1, cand).masked_fill(enc.candidate_ids < 0, float("-inf"))
+    label = (enc.candidate_ids == enc.answer_ids[:, None]).float().argmax(1)
+    return cl, label
+
+
+@torch.no_grad()
+def evaluate(
+    model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded, *, batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy restricted to the candidates, its ECE (10 bins, candidate softmax) and the answer loss."""
+    probs, labels, losses = [], [], []
+    for start in range(0, len(enc), batch_size):
+        part = enc.select(slice(start, start + batch_size))
+        logits = _forward_last(model, params, part)
+        cl, label = _candidate_logits(logits, part)
+        probs.append(cl.softmax(-1).double())
+        labels.append(label)
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), part.answer_ids, reduction="sum"))
+    p, y = torch.cat(probs), torch.cat(labels)
+    return {
+        "accuracy": float((p.argmax(1) == y).double().mean()),
+        "ece": ece(p, y),
+        "loss": float(sum(losses)) / len(enc),
+    }
+
+
+# ------------------------------------------------------------------------------------ mask training
+
+
+@dataclass
+class _Fit:
+    mask: dict[str, Tensor]
+    history: list[dict[str, Any]]
+    lr: float
+
+
+def fit_mask(
+    model: LoadedModel,
+    space: GraftSpace,
+    fit: Encoded,
+    dev: Encoded | None,
+    sparsity: float,
+    config: GraftConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> _Fit:
+    """Learn a rounded mask with about ``sparsity · N`` coordinates (see the module doc)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    n_keep = max(1, round(sparsity * space.n_params))
+    gb = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep)
+    scores = {n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}
+    b = config.sigmoid_bias
+    lr = config.lr
+    history: list[dict[str, Any]] = []
+
+    def rounded() -> dict[str, Tensor]:
+        """The mask with γ > 1/2, cut to the ``n_keep`` largest γ (the constraint ‖γ‖₀ ≤ s·N)."""
+        gamma = {}
+        for n in space.names:
+            sig = torch.sigmoid(scores[n] - b)
+            gamma[n] = torch.where(gb[n], 1 - sig, sig).masked_fill_(~(gb[n] ^ (scores[n] > b)), -1.0)
+        mask = top_mask(gamma, n_keep)
+        return {n: mask[n] & (gamma[n] > 0.5) for n in space.names}
+
+    def score(mask: dict[str, Tensor]) -> float:
+        params = space.grafted(mask)
+        acc = evaluate(model, params, fit)["accuracy"]
+        return acc + (evaluate(model, params, dev)["accuracy"] if dev is not None else 0.0)
+
+    best = (score(gb), {n: m.clone() for n, m in gb.items()})
+    history.append({"step": 0, "selection": best[0], "n_on": n_keep, "loss": float("nan")})
+    for step in range(1, config.steps + 1):
+        t0 = time.perf_counter()
+        theta = {}
+        for n in space.names:
+            sig = torch.sigmoid(scores[n] - b)
+            gamma = torch.where(gb[n], 1 - sig, sig)
+            theta[n] = (space.base[n] + gamma * space.delta[n]).requires_grad_(True)
+        total = 0.0
+        for start in range(0, len(fit), config.batch_size):
+            part = fit.select(slice(start, start + config.batch_size))
+            loss = torch.nn.functional.cross_entropy(
+                _forward_last(model, theta, part).float(), part.answer_ids
+            )
+            (loss * len(part) / len(fit)).backward()
+            total += loss.item() * len(part) / len(fit)
+        with torch.no_grad():
+            upd = {}
+            for n in space.names:  # the chain rule through θ(γ), in the gradient's own buffer
+                sig = torch.sigmoid(scores[n] - b)
+                g = theta[n].grad.mul_(space.delta[n]).mul_(sig.mul_(1 - sig))
+                upd[n] = torch.where(gb[n], g.neg(), g) if bool(gb[n].any()) else g
+            del theta
+            if lr is None:
+                kth = torch.topk(torch.cat([u.abs().reshape(-1) for u in upd.values()]), n_keep).values[-1]
+                lr = config.step_size / max(float(kth), 1e-30)
+            for n in space.names:
+                scores[n].sub_(upd[n], alpha=lr)
+            del upd
+        mask = rounded()
+        n_on = int(sum(int(m.sum()) for m in mask.values()))
+        sel_score = score(mask)
+        history.append({"step": step, "selection": sel_score, "n_on": n_on, "loss": total})
+        if progress is not None:
+            progress(
+                f"graft s={sparsity:g} step {step}/{config.steps}: loss {total:.3f}, fit+dev acc "
+                f"{sel_score:.3f}, {n_on} coords on ({time.perf_counter() - t0:.1f} s)"
+            )
+        if sel_score > best[0]:
+            best = (sel_score, {n: m.clone() for n, m in mask.items()})
+    return _Fit(mask=best[1], history=history, lr=float(lr))
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraftResult(Result):
+    """Grafting curves, calibration, per-layer maps and (for several tasks) mask overlaps.
+
+    ``curve``: task × method (graft / top_abs / random) × sparsity → accuracy, ECE, loss, recovered
+    fraction ``(acc − base) / (tuned − base)``. ``reference``: base and tuned on each task.
+    ``layer_map``: grafted coordinates per task, sparsity, layer and kind. ``overlap``: mask pairs per
+    sparsity (intersection, ``|∩| / min``, Jaccard, and the value expected for random masks). ``cross``:
+    each task's graft evaluated on every task. ``masks``: flat indices of each learned mask into the
+    concatenation of ``param_names`` (sizes ``param_sizes``).
+    """
+
+    title: ClassVar[str] = "Skill localisation by grafting"
+    config: GraftConfig
+    tasks: tuple[str, ...]
+    curve: Any
+    reference: Any
+    layer_map: Any
+    history: Any
+    overlap: Any
+    cross: Any
+    param_names: tuple[str, ...]
+    param_sizes: Tensor
+    masks: dict
+    provenance: dict = field(default_factory=dict)
+
+    def to_frame(self):
+        return self.curve
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"graft_set_params": int(self.param_sizes.sum())}
+        ref = self.reference.set_index(["task", "model"])
+        for task in self.tasks:
+            for m in ("base", "tuned"):
+                out[f"{m}[{task}]"] = {
+                    "accuracy": round(float(ref.loc[(task, m), "accuracy"]), 3),
+                    "ece": round(float(ref.loc[(task, m), "ece"]), 3),
+                }
+            for _, row in self.curve[(self.curve.task == task)].iterrows():
+                out[f"{row.method}@{row.sparsity:g}[{task}]"] = {
+                    "accuracy": round(float(row.accuracy), 3),
+                    "ece": round(float(row.ece), 3),
+                    "recovered": None if math.isnan(row.recovered) else round(float(row.recovered), 3),
+                }
+        if self.overlap is not None and len(self.overlap):
+            for _, row in self.overlap.iterrows():
+                out[f"overlap@{row.sparsity:g}[{row.task_a}|{row.task_b}]"] = {
+                    "over_min": round(float(row.over_min), 4),
+                    "jaccard": round(float(row.jaccard), 4),
+                    "random_expected": round(float(row.random_expected), 6),
+                }
+        return out
+
+    def figure(self, view: str = "curve", task: str | None = None):
+        """``curve``: accuracy vs sparsity for graft, top-|τ| and random masks, with base/tuned lines;
+        ``ece``: calibration of base, tuned and grafts; ``layers``: grafted coordinates per layer and kind;
+        ``overlap``: mask overlap between tasks."""
+        import plotly.express as px
+
+        task = task or self.tasks[0]
+        if view == "curve":
+            df = self.curve[self.curve.task == task]
+            fig = px.line(
+                df,
+                x="sparsity",
+                y="accuracy",
+                color="method",
+                markers=True,
+                log_x=True,
+                labels={"sparsity": "fraction of graft-set parameters grafted", "accuracy": "test accuracy"},
+                title=f"Grafting {task}: accuracy vs sparsity",
+            )
+            ref = self.reference[self.reference.task == task].set_index("model").accuracy
+            fig.add_hline(y=float(ref["tuned"]), line_dash="dash", annotation_text="fine-tuned")
+            fig.add_hline(y=float(ref["base"]), line_dash="dot", annotation_text="base")
+            return fig
+        if view == "ece":
+            df = self.curve[(self.curve.task == task) & (self.curve.method == "graft")]
+            rows = [
+                {"model": r.model, "ece": r.ece}
+                for r in self.reference[self.reference.task == task].itertuples()
+            ]
+            rows += [{"model": f"graft {r.sparsity:g}", "ece": r.ece} for r in df.itertuples()]
+            return px.bar(
+                rows,
+                x="model",
+                y="ece",
+                labels={"ece": "expected calibration error (10 bins)", "model": "model"},
+                title=f"Calibration on {task}",
+            )
+        if view == "layers":
+            df = self.layer_map[self.layer_map.task == task]
+            return px.bar(
+                df,
+                x="layer",
+                y="n_grafted",
+                color="kind",
+                facet_row="sparsity",
+                labels={"n_grafted": "grafted coordinates", "layer": "layer"},
+                title=f"Where the {task} graft lives",
+            )
+        if view == "overlap":
+            if self.overlap is None or not len(self.overlap):
+                raise ConfigError("this result has one task; overlaps need a multi-task graft")
+            df = self.overlap.melt(
+                id_vars=["sparsity", "task_a", "task_b"],
+                value_vars=["over_min", "random_expected"],
+                var_name="measure",
+                value_name="overlap",
+            )
+            return px.bar(
+                df,
+                x="sparsity",
+                y="overlap",
+                color="measure",
+                barmode="group",
+                log_x=True,
+                labels={"overlap": "|γ_a ∧ γ_b| / min(|γ_a|, |γ_b|)", "sparsity": "sparsity"},
+                title="Overlap of the task masks (learned vs random)",
+            )
+        raise ConfigError(f"unknown view {view!r}; expected curve, ece, layers or overlap")
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+
+def _prepare(data: Mapping[str, Dataset], tokenizer, config: GraftConfig, task: str):
+    if "train" not in data or not any(k.startswith("test") for k in data):
+        raise TaskError(f"task {task!r}: expected data with a 'train' and a 'test' split, got {sorted(data)}")
+    test_key = "test" if "test" in data else next(k for k in data if k.startswith("test"))
+    train = data["train"]
+    parts = train.split({"fit": 0.75, "dev": 0.25}, seed=config.seed) if config.max_dev else {"fit": train}
+    fit = parts["fit"].subset(range(min(config.max_fit, len(parts["fit"]))))
+    dev = parts["dev"].subset(range(min(config.max_dev, len(parts["dev"])))) if config.max_dev else None
+    return (
+        fit.encode(tokenizer),
+        (dev.encode(tokenizer) if dev is not None else None),
+        data[test_key].encode(tokenizer),
+    )
+
+
+def _layer_rows(space: GraftSpace, mask: Mapping[str, Tensor], task: str, sparsity: float) -> list[dict]:
+    rows: dict[tuple[int, str], list[int]] = {}
+    for n in space.names:
+        layer, kind = _layer_kind(n)
+        key = (-1 if layer is None else layer, kind)
+        acc = rows.setdefault(key, [0, 0])
+        acc[0] += int(mask[n].sum())
+        acc[1] += mask[n].numel()
+    return [
+        {
+            "task": task,
+            "sparsity": sparsity,
+            "layer": lk[0],
+            "kind": lk[1],
+            "n_grafted": v[0],
+            "fraction": v[0] / v[1],
+        }
+        for lk, v in sorted(rows.items())
+    ]
+
+
+def _flat_indices(space: GraftSpace, mask: Mapping[str, Tensor]) -> Tensor:
+    return torch.cat([mask[n].reshape(-1) for n in space.names]).nonzero().flatten()
+
+
+def graft(
+    pair: ModelPair,
+    tasks: Mapping[str, Mapping[str, Dataset]],
+    config: GraftConfig | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> GraftResult:
+    """Learn a graft per task and sparsity on ``pair``; compare with top-|τ| and random masks.
+
+    ``tasks`` maps a task name to its data: a ``train`` split (fit + dev for the mask) and a ``test``
+    split (or ``test_<name>``) for the reported numbers. With several tasks (a multi-task fine-tune) the
+    result also holds mask overlaps and cross-task accuracies.
+    """
+    import pandas as pd
+
+    config = config or GraftConfig()
+    if not tasks:
+        raise ConfigError("expected at least one task to graft")
+    say = progress or (lambda msg: log.info(msg))
+    space = graft_space(pair.base, pair.tuned, kinds=config.kinds, layers=config.layers)
+    if space.outside_differ:
+        log.warning(
+            "%d parameters differ between base and tuned but lie outside the graft set (kept at base): %s…",
+            len(space.outside_differ),
+            space.outside_differ[0],
+        )
+    say(f"graft set: {len(space.names)} tensors, {space.n_params:,} parameters")
+    model = pair.base
+    enc = {t: _prepare(d, pair.tokenizer, config, t) for t, d in tasks.items()}
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    reference, curve, layer_rows, history, cross = [], [], [], [], []
+    masks: dict[str, Tensor] = {}
+    learned: dict[tuple[str, float], dict[str, Tensor]] = {}
+    for t, (_, _, test) in enc.items():
+        reference.append({"task": t, "model": "base", **evaluate(pair.base, None, test)})
+        reference.append({"task": t, "model": "tuned", **evaluate(pair.tuned, None, test)})
+        if space.outside_differ:  # the whole graft set grafted: what a restricted set can reach at most
+            all_on = space.grafted(space.full_mask(True))
+            reference.append({"task": t, "model": "graft_set_all", **evaluate(model, all_on, test)})
+            del all_on
+    ref = pd.DataFrame(reference).set_index(["task", "model"])
+    for s in config.sparsities:
+        n_keep = max(1, round(s * space.n_params))
+        top = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep)
+        rand = top_mask({n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}, n_keep)
+        for t, (fit, dev, test) in enc.items():
+            say(f"graft: task {t}, sparsity {s:g} ({n_keep:,} coordinates)")
+            res = fit_mask(model, space, fit, dev, s, config, progress=say)
+            learned[(t, s)] = res.mask
+            masks[f"{t}@{s:g}"] = _flat_indices(space, res.mask)
+            history += [{"task": t, "sparsity": s, "lr": res.lr, **h} for h in res.history]
+            layer_rows += _layer_rows(space, res.mask, t, s)
+            base_acc, tuned_acc = ref.loc[(t, "base"), "accuracy"], ref.loc[(t, "tuned"), "accuracy"]
+            for method, mask in (("graft", res.mask), ("top_abs", top), ("random", rand)):
+                m = evaluate(model, space.grafted(mask), test)
+                n_on = int(sum(int(x.sum()) for x in mask.values()))
+                gain = tuned_acc - base_acc
+                curve.append(
+                    {
+                        "task": t,
+                        "method": method,
+                        "sparsity": s,
+                        "n_params": n_on,
+                        **m,
+                        "recovered": (m["accuracy"] - base_acc) / gain if abs(gain) > 1e-9 else math.nan,
+                    }
+                )
+    overlap = []
+    names = list(tasks)
+    for s in config.sparsities:
+        for i, a in enumerate(names):
+            for bname in names[i + 1 :]:
+                ma, mb = learned[(a, s)], learned[(bname, s)]
+                na = sum(int(x.sum()) for x in ma.values())
+                nb = sum(int(x.sum()) for x in mb.values())
+                inter = sum(int((ma[n] & mb[n]).sum()) for n in space.names)
+                union = na + nb - inter
+                overlap.append(
+                    {
+                        "sparsity": s,
+                        "task_a": a,
+                        "task_b": bname,
+                        "n_a": na,
+                        "n_b": nb,
+                        "intersection": inter,
+                        "over_min": inter / max(1, min(na, nb)),
+                        "jaccard": inter / max(1, union),
+                        "random_expected": max(na, nb) / space.n_params,
+                    }
+                )
+        if len(names) > 1:
+            for a in names:
+                params = space.grafted(learned[(a, s)])
+                for b_task, (_, _, test) in enc.items():
+                    cross.append(
+                        {"sparsity": s, "mask_task": a, "eval_task": b_task, **evaluate(model, params, test)}
+                    )
+    return GraftResult(
+        config=config,
+        tasks=tuple(names),
+        curve=pd.DataFrame(curve),
+        reference=pd.DataFrame(reference),
+        layer_map=pd.DataFrame(layer_rows),
+        history=pd.DataFrame(history),
+        overlap=pd.DataFrame(overlap),
+        cross=pd.DataFrame(cross),
+        param_names=tuple(space.names),
+        param_sizes=torch.tensor([space.base[n].numel() for n in space.names]),
+        masks=masks,
+        provenance=pair_provenance(pair)
+        | {
+            "graft_set": f"{len(space.names)} tensors, {space.n_params} parameters, kinds {config.kinds}, "
+            f"layers {'all' if config.layers is None else config.layers}",
+            "outside_graft_set_differing": len(space.outside_differ),
+            "n_fit": {t: len(e[0]) for t, e in enc.items()},
+            "n_dev": {t: (len(e[1]) if e[1] is not None else 0) for t, e in enc.items()},
+            "n_test": {t: len(e[2]) for t, e in enc.items()},
+        },
+    )
+
+
+__all__ = [
+    "GraftConfig",
+    "GraftResult",
+    "GraftSpace",
+    "evaluate",
+    "fit_mask",
+    "graft",
+    "graft_space",
+    "top_mask",
+]
