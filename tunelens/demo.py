@@ -81,6 +81,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
 ANALYSES: list[tuple[str, str]] = [
     ("probes", "probes.studies:demo_step"),
     ("circuits", "circuits.study:demo_step"),
+    ("spectral", "spectral.study:demo_step"),
 ]
 
 

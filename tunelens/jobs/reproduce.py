@@ -65,6 +65,7 @@ STUDIES: list[tuple[str, str, str | None]] = [
     ("environment", "tunelens.jobs.reproduce:environment", None),
     ("probes", "probes.studies:reproduce", "smollm2-et"),
     ("circuits", "circuits.study:reproduce", "smollm2-et"),
+    ("spectral", "spectral.study:reproduce", "smollm2-et"),
 ]
 
 
