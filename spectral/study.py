@@ -39,6 +39,7 @@ class StudySettings:
     """What the study runs; the demo and reproduce differ only here."""
 
     family: str = "smollm2-et"
+    variants: tuple[str, ...] | None = None  # a subset of the family's variants (None: all of them)
     intruders: IntruderConfig = field(default_factory=IntruderConfig)
     extrapolate: tuple[float, ...] = ()  # α values for W0 + α·ΔW (empty: skip)
     tradeoff_variants: tuple[str, ...] = ("smollm2-et-lora-r1", "smollm2-et-lora-r64", "smollm2-et-full")
@@ -54,8 +55,11 @@ class StudySettings:
 
 
 DEMO_SETTINGS = StudySettings(
-    intruders=IntruderConfig(kinds=("q", "k", "v", "o"), baselines=("rank1",)),  # MLP: reproduce only
-    tradeoff_variants=("smollm2-et-lora-r64",),
+    # The demo's family is the LoRA r=8 of the demo pair and the full fine-tune (two short builds);
+    # ranks 1 and 64 and the MLP matrices are in reproduce.
+    variants=("smollm2-et-lora-r8", "smollm2-et-full"),
+    intruders=IntruderConfig(kinds=("q", "k", "v", "o"), baselines=("rank1",)),
+    tradeoff_variants=("smollm2-et-lora-r8",),
     tradeoff_epsilons=(0.9,),
     lambdas=(0.0, 1.0),
     max_task=60,
@@ -74,11 +78,22 @@ def _trim(data: dict, n: int) -> dict:
     return {k: (v.subset(range(min(n, len(v)))) if k.startswith("test") else v) for k, v in data.items()}
 
 
+def _build(name: str, progress: Progress) -> None:
+    """Build a zoo model this study needs (once; a no-op when it is built)."""
+    if not zoo.is_built(name):
+        progress(f"building zoo model {name} (once)")
+        zoo.build(name, progress=lambda msg: progress("  " + msg))
+
+
 def run_intruders(out: Path, s: StudySettings, progress: Progress) -> dict[str, Any]:
     """Spectra, intruders (with baselines and the λ test) over the family; saves three results."""
-    family = zoo.load_family(s.family)
-    base = family.base
-    res, passed = intruder_family(base, family.variants, s.intruders, progress=progress, keep_vectors=True)
+    base_name, all_variants = zoo.FAMILIES[s.family]
+    names = s.variants or all_variants
+    for name in (base_name, *names):
+        _build(name, progress)
+    base = zoo.load(base_name)
+    variants = {v: zoo.load(v) for v in names}
+    res, passed = intruder_family(base, variants, s.intruders, progress=progress, keep_vectors=True)
     spec = SpectrumResult(
         config=SpectrumConfig(kinds=s.intruders.kinds, layers=s.intruders.layers),
         variants=res.variants,
@@ -94,7 +109,7 @@ def run_intruders(out: Path, s: StudySettings, progress: Progress) -> dict[str, 
         general = base_samples(base, s.general)
         task = zoo.recipe_data(zoo.entry(s.tradeoff_variants[0]).recipe, base)["test"]
         task = task.subset(range(min(s.max_task, len(task)))).encode(base.tokenizer)
-        models = {v: family.variants[v] for v in s.tradeoff_variants}
+        models = {v: variants[v] for v in s.tradeoff_variants}
         res = intruder_tradeoff(
             res,
             passed,
@@ -109,14 +124,14 @@ def run_intruders(out: Path, s: StudySettings, progress: Progress) -> dict[str, 
     headline["intruders"] = res.summary()
     headline["intruders"]["counts_eps0.9"] = res.counts(epsilon=0.9)
     if s.extrapolate:
-        variants = {f"{v} x{a:g}": m for a in s.extrapolate for v, m in family.variants.items()}
-        scales = {f"{v} x{a:g}": a for a in s.extrapolate for v in family.variants}
+        scaled = {f"{v} x{a:g}": m for a in s.extrapolate for v, m in variants.items()}
+        scales = {f"{v} x{a:g}": a for a in s.extrapolate for v in variants}
         ext = intruder_family(
-            base, variants, replace(s.intruders, baselines=("rotated",)), scales=scales, progress=progress
+            base, scaled, replace(s.intruders, baselines=("rotated",)), scales=scales, progress=progress
         )
         ext.save(out / "intruders_extrapolated")
         headline["intruders_extrapolated"] = ext.counts()
-    del family, passed
+    del base, variants, passed
     gc.collect()
     return headline
 
@@ -124,6 +139,8 @@ def run_intruders(out: Path, s: StudySettings, progress: Progress) -> dict[str, 
 def run_grafts(out: Path, s: StudySettings, progress: Progress) -> dict[str, Any]:
     """Graft the full fine-tune (curve, baselines, ECE, layer map) and the two-task fine-tune (overlap)."""
     headline: dict[str, Any] = {}
+    for name in zoo.PAIRS[s.graft_pair]:
+        _build(name, progress)
     pair = zoo.load_pair(s.graft_pair)
     data = _trim(zoo.recipe_data(zoo.entry(pair.tuned.name).recipe, pair.base), s.graft_max_test)
     res = graft(pair, {"entity_tracking": data}, s.graft, progress=progress)
@@ -132,6 +149,8 @@ def run_grafts(out: Path, s: StudySettings, progress: Progress) -> dict[str, Any
     del pair
     gc.collect()
     if s.mix_pair:
+        for name in zoo.PAIRS[s.mix_pair]:
+            _build(name, progress)
         pair = zoo.load_pair(s.mix_pair)
         et = zoo.recipe_data(zoo.TaskRecipe(task="entity_tracking", n=200), pair.base)
         knob = zoo.recipe_data(zoo.TaskRecipe(task="context_knob", n=0), pair.base)
