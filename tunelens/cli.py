@@ -6,6 +6,11 @@
     tunelens check PAIR [--tuned REF]     backends agree with HF, self-patching is a no-op, no hook left
     tunelens cache PAIR --task T --sites S --out DIR    activations of a task (or --prompts FILE) into a store
     tunelens demo [--out DIR]             the main job: every analysis on the SmolLM2 pair, reduced settings
+    tunelens app [RESULTS_DIR] [--port N] the Streamlit workbench on a results folder, on 127.0.0.1
+    tunelens report RESULTS_DIR           one self-contained HTML file with every figure of a results folder
+    tunelens jobs run JOB.yaml [--executor local|process|ray] [--fresh]   a resumable batch job
+    tunelens jobs status FOLDER|JOB.yaml  units done / pending / failed
+    tunelens reproduce [--out DIR]        every full-size study as one resumable batch job
 
 PAIR is a zoo pair name (``tunelens zoo list``) or a base model reference (zoo model, HF folder, .gguf
 file) given together with ``--tuned`` (a model reference or a peft adapter folder).
@@ -165,6 +170,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    results = Path(args.results_dir).expanduser().resolve()
+    if not results.is_dir():
+        _say(f"note: results folder {results} does not exist yet; the app says so and lets you pick another")
+    env = {**os.environ, "TUNELENS_RESULTS": str(results)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(root / "app" / "streamlit_app.py"),
+           "--server.address", "127.0.0.1", "--server.port", str(args.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]  # fmt: skip
+    _say(f"tunelens app on http://127.0.0.1:{args.port} (results: {results}); Ctrl-C stops it")
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_report(args) -> int:
+    from tunelens.report import write_report
+
+    path = write_report(Path(args.results_dir), out=Path(args.out) if args.out else None)
+    _say(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelens", description="What did fine-tuning change inside this model?")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -219,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="results/demo", help="results folder (default results/demo)")
     d.add_argument("--only", default=None, help="comma-separated analysis steps to (re)run, e.g. probes,knob")
     d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("app", help="open the Streamlit workbench on a results folder (127.0.0.1 only)")
+    a.add_argument(
+        "results_dir", nargs="?", default="results/demo", help="results folder (default results/demo)"
+    )
+    a.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+    a.set_defaults(func=cmd_app)
+
+    r = sub.add_parser("report", help="write one self-contained HTML report of a results folder")
+    r.add_argument("results_dir", help="results folder (from tunelens demo or a batch job)")
+    r.add_argument("--out", default=None, help="HTML file to write (default RESULTS_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
+
+    from tunelens.jobs.cli import add_commands as add_job_commands  # jobs run/status, reproduce
+
+    add_job_commands(sub)
     return p
 
 

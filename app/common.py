@@ -1,0 +1,248 @@
+"""What every page shares: the results folder, the loaded pair, cached loading, and showing a Result.
+
+UI only: everything computed here is a call into tunelens or an analysis package. Models are held with
+``st.cache_resource`` (keyed by every argument that changes them), results with ``st.cache_data``.
+Every user-caused error is shown as ``st.error`` with the TunelensError's message, and the app goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from tunelens import catalog
+from tunelens.errors import TunelensError
+
+DEFAULT_RESULTS = "results/demo"
+RESULTS_ENV = "TUNELENS_RESULTS"
+PAIR_ENV = "TUNELENS_APP_PAIR"
+
+
+# -- state -----------------------------------------------------------------------------------------------
+def init_state() -> None:
+    """Defaults of the session: the results folder (from ``tunelens app DIR``) and no pair loaded yet."""
+    if "results_dir" not in st.session_state:
+        st.session_state["results_dir"] = os.environ.get(RESULTS_ENV, DEFAULT_RESULTS)
+    if "pair_spec" not in st.session_state:
+        spec = os.environ.get(PAIR_ENV, "")
+        st.session_state["pair_spec"] = tuple(spec.split("|", 1)) if "|" in spec else None
+
+
+def sidebar() -> None:
+    # The widget has its own key and copies into "results_dir": Streamlit drops a widget's state when the
+    # page changes, and the folder must survive page changes.
+    st.session_state["results_dir_input"] = st.session_state["results_dir"]
+    st.sidebar.text_input(
+        "Results folder",
+        key="results_dir_input",
+        on_change=_copy_results_dir,
+        help="A folder written by `tunelens demo --out DIR` or a batch job; every page reads it.",
+    )
+    spec = st.session_state.get("pair_spec")
+    st.sidebar.caption(f"Pair: **{pair_label(spec)}**" if spec else "Pair: none loaded (Pair page)")
+
+
+def _copy_results_dir() -> None:
+    st.session_state["results_dir"] = st.session_state["results_dir_input"]
+
+
+def results_dir() -> str:
+    return str(st.session_state.get("results_dir", DEFAULT_RESULTS)).strip()
+
+
+def pair_label(spec: tuple[str, str] | None) -> str:
+    if not spec:
+        return ""
+    base, tuned = spec
+    return base if not tuned else f"{base} → {tuned}"
+
+
+# -- cached loading --------------------------------------------------------------------------------------
+@st.cache_resource(max_entries=2, show_spinner="Loading the pair (once) ...")
+def load_pair(base: str, tuned: str, device: str = "cpu"):
+    """A pair, held across reruns and sessions: a zoo pair name (``tuned`` empty) or two references."""
+    from tunelens.models.loading import load_pair as _load
+
+    return _load(base, tuned or None, device=device)
+
+
+def current_pair():
+    """The pair chosen on the Pair page, or None (loading errors are shown and give None)."""
+    spec = st.session_state.get("pair_spec")
+    if not spec:
+        return None
+    try:
+        return load_pair(spec[0], spec[1] or "")
+    except TunelensError as exc:
+        st.error(f"The pair {pair_label(spec)!r} cannot be loaded: {exc}")
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _load_result(path: str, mtime: float):
+    from tunelens.results import load_result
+
+    return load_result(path)
+
+
+def load(entry: catalog.Entry):
+    return _load_result(str(entry.path), entry.mtime)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _figure(path: str, mtime: float, kwargs: tuple[tuple[str, Any], ...]):
+    return _load_result(path, mtime).figure(**dict(kwargs))
+
+
+def scan() -> list[catalog.Entry] | None:
+    """The results in the chosen folder; on a bad folder, says why and returns None."""
+    try:
+        return catalog.scan(results_dir())
+    except TunelensError as exc:
+        st.error(str(exc))
+        return None
+
+
+# -- showing results -------------------------------------------------------------------------------------
+def show_summary(summary: dict[str, Any]) -> None:
+    if not summary:
+        return
+    numeric = [(k, v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    for start in range(0, min(len(numeric), 8), 4):
+        cols = st.columns(4)
+        for col, (k, v) in zip(cols, numeric[start : start + 4], strict=False):
+            col.metric(str(k), f"{v:.3g}" if isinstance(v, float) else str(v))
+    rest = {k: v for k, v in summary.items() if (k, v) not in numeric[:8]}
+    if rest:
+        st.table({"headline": list(rest), "value": [_text(v) for v in rest.values()]})
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def figure_widgets(result: Any, key: str) -> dict[str, Any]:
+    """Widgets for the options of ``result.figure()``: a select box per ``Literal`` option, a check box
+    per ``bool``, a number box per ``int`` (generic: any Result's figure options become controls)."""
+    try:
+        params = inspect.signature(result.figure).parameters
+        hints = typing.get_type_hints(result.figure)
+    except (TypeError, ValueError, NameError):
+        return {}
+    out: dict[str, Any] = {}
+    cols = st.columns(max(1, min(4, len(params))))
+    i = 0
+    for name, p in params.items():
+        if p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        hint = hints.get(name)
+        col = cols[i % len(cols)]
+        if typing.get_origin(hint) is typing.Literal:
+            options = list(typing.get_args(hint))
+            out[name] = col.selectbox(name, options, index=options.index(p.default), key=f"{key}:{name}")
+        elif hint is bool:
+            out[name] = col.checkbox(name, value=p.default, key=f"{key}:{name}")
+        elif hint is int and isinstance(p.default, int):
+            out[name] = int(col.number_input(name, value=p.default, step=1, key=f"{key}:{name}"))
+        else:
+            continue
+        i += 1
+    return out
+
+
+def show_figure(entry: catalog.Entry, kwargs: dict[str, Any] | None = None, key: str = "") -> bool:
+    """The Result's own plotly figure; an analysis that cannot draw is reported, not fatal."""
+    try:
+        fig = _figure(str(entry.path), entry.mtime, tuple(sorted((kwargs or {}).items())))
+    except TunelensError as exc:
+        st.error(f"{entry.name}: {exc}")
+        return False
+    except Exception as exc:  # an analysis' figure() bug must not take the app down; it is shown
+        st.error(f"{entry.name}: figure() failed: {type(exc).__name__}: {exc}")
+        return False
+    st.plotly_chart(fig, width="stretch", key=key or f"fig:{entry.name}")
+    return True
+
+
+def show_result(entry: catalog.Entry, *, kwargs: dict[str, Any] | None = None, frame: bool = True) -> Any:
+    """Summary, figure (with generic controls for its options) and data table of a saved result."""
+    try:
+        result = load(entry)
+    except TunelensError as exc:
+        st.error(f"{entry.name} cannot be read: {exc}")
+        return None
+    st.subheader(f"{result.title} — {entry.name}")
+    st.caption(f"{entry.class_name} · {entry.path}")
+    show_summary(entry.summary or _safe_summary(result))
+    if kwargs is None:
+        kwargs = figure_widgets(result, key=f"w:{entry.name}")
+    show_figure(entry, kwargs, key=f"fig:{entry.name}:{sorted(kwargs.items())}")
+    if frame:
+        with st.expander("Data (the result's table)"):
+            try:
+                st.dataframe(result.to_frame(), width="stretch")
+            except Exception as exc:  # shown, not swallowed
+                st.error(f"to_frame() failed: {type(exc).__name__}: {exc}")
+    return result
+
+
+def _safe_summary(result: Any) -> dict[str, Any]:
+    try:
+        return result.summary()
+    except Exception as exc:  # shown
+        return {"summary() failed": f"{type(exc).__name__}: {exc}"}
+
+
+def pair_check(entries: list[catalog.Entry]) -> None:
+    """Say so when the folder's results were computed on another pair than the loaded one."""
+    spec = st.session_state.get("pair_spec")
+    if not spec or not entries:
+        return
+    pair = current_pair()
+    if pair is None:
+        return
+    problems = catalog.pair_mismatches(entries, pair.hashes())
+    if problems:
+        st.error(
+            f"This results folder holds results of another pair than the loaded one ({pair_label(spec)}):\n\n"
+            + "\n".join(f"- {p}" for p in problems[:5])
+            + ("\n- …" if len(problems) > 5 else "")
+            + "\n\nLoad the pair they were computed on (Pair page), or choose this pair's results folder."
+        )
+
+
+def analysis_page(key: str, *, show: bool = True) -> list[catalog.Entry]:
+    """The generic page of one analysis: its results in the folder, a chooser, and each shown in full.
+
+    Returns the analysis' entries so a specialised page can add to it.
+    """
+    a = catalog.BY_KEY[key]
+    st.title(a.title)
+    st.caption(a.about)
+    entries = scan()
+    if entries is None:
+        return []
+    mine = catalog.by_analysis(entries, key)
+    if not mine:
+        st.info(
+            f"No {a.title} results in `{results_dir()}`. Produce them with `{a.produce}` "
+            "(the demo writes every analysis), then point the results folder in the sidebar at that folder."
+        )
+        return []
+    pair_check(mine)
+    if show:
+        names = [e.name for e in mine]
+        choice = st.selectbox("Result", names, key=f"pick:{key}") if len(names) > 1 else names[0]
+        show_result(next(e for e in mine if e.name == choice))
+    return mine
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
