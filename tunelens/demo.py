@@ -81,6 +81,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
 ANALYSES: list[tuple[str, str]] = [
     ("probes", "probes.studies:demo_step"),
     ("circuits", "circuits.study:demo_step"),
+    ("circuit", "circuits.circuit_study:circuit_demo_step"),  # reuses the CMAP sweeps saved just before
     ("spectral", "spectral.study:demo_step"),
 ]
 
