@@ -92,6 +92,13 @@ def _generate(fail: bool):
     return go
 
 
+def _live(pair: ModelPair, d: dict):
+    from circuits.live import live_sweep
+
+    prompt = "The apple is in Box F . The cup is in Box Q . Box F contains the"
+    live_sweep(pair.tuned, prompt, prompt.replace("Box F contains", "Box Q contains"), top_k=3)
+
+
 CALLS = [
     Call("bridge-run", _run("bridge", False)),
     Call("bridge-run-raises", _run("bridge", True), Boom),
@@ -101,6 +108,7 @@ CALLS = [
     Call("activation-patching", _patching),
     Call("cmap-sweep", _cmap),
     Call("attribution", _attribution),
+    Call("live-sweep", _live),
     Call("generate-with-edit", _generate(False)),
     Call("generate-with-edit-raises", _generate(True), Boom),
 ]
