@@ -186,6 +186,6 @@ def demo_step(ctx) -> dict[str, Any]:
 
 def reproduce(pair, out: Path, *, progress: Progress = lambda _: None) -> dict[str, Any]:
     """``tunelens reproduce``: the full study (``pair`` is unused: the study runs on the zoo family and the
-    zoo's full and two-task fine-tunes); saved under ``out/spectral``."""
+    zoo's full and two-task fine-tunes); saved in ``out`` (the folder the reproduce job gives it)."""
     del pair
-    return run_study(Path(out) / "spectral", REPRODUCE_SETTINGS, progress=progress)
+    return run_study(Path(out), REPRODUCE_SETTINGS, progress=progress)

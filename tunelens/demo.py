@@ -83,6 +83,7 @@ ANALYSES: list[tuple[str, str]] = [
     ("circuits", "circuits.study:demo_step"),
     ("circuit", "circuits.circuit_study:circuit_demo_step"),  # reuses the CMAP sweeps saved just before
     ("spectral", "spectral.study:demo_step"),
+    ("knob", "circuits.knob:demo_step"),  # on its own pair, smollm2-knob
 ]
 
 

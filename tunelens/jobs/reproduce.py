@@ -66,6 +66,7 @@ STUDIES: list[tuple[str, str, str | None]] = [
     ("probes", "probes.studies:reproduce", "smollm2-et"),
     ("circuits", "circuits.study:reproduce", "smollm2-et"),
     ("spectral", "spectral.study:reproduce", "smollm2-et"),
+    ("knob", "circuits.knob:reproduce", None),  # builds and loads its own pair, smollm2-knob
 ]
 
 

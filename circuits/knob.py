@@ -1,0 +1,545 @@
+"""The context knob of a pair (Minder et al. 2024): find it, steer with it, carry it across the pair.
+
+:func:`run_knob` does, on held-out facts (:mod:`circuits.knob_data`):
+
+1. pair accuracy of base and tuned, per intent;
+2. layer localisation (:mod:`circuits.knob_layers`): switch rate of last-token attention patching
+   between the intents, by layer, in both models; the knob layer is the earliest layer whose residual
+   carries the switch at ``threshold`` in the tuned model;
+3. rank-1 DAS at that layer (:mod:`circuits.knob_das`) against difference-of-means and random
+   directions: interchange accuracy on validation items, cosine;
+4. steering (:mod:`circuits.steering`) on the instruction-free format (and, against the instruction,
+   on both intents' prompts): dose-response over ``c``, calibrated per model from ``uᵀh``;
+5. transfer: the tuned model's direction in the base (and the base's difference of means in the tuned
+   model), swept over layers, with the AUROC of ``uᵀh`` between intents in each model.
+
+Example:
+    >>> from tunelens.models import zoo                                   # doctest: +SKIP
+    >>> result = run_knob(zoo.load_pair("smollm2-knob"), KnobConfig())    # doctest: +SKIP
+    >>> result.summary()["knob_layer"], result.figure("dose")             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import pandas as pd
+import torch
+
+from circuits.knob_das import (
+    DASConfig,
+    confident,
+    interchange_accuracy,
+    interchange_set,
+    mean_direction,
+    random_direction,
+    train_das,
+)
+from circuits.knob_data import KnobItems, heldout_items
+from circuits.knob_layers import Patcher, choose_layer, lens_curve, lower_bound, prefix_sweep
+from circuits.knob_runs import candidate_logits, picks_context
+from circuits.steering import Calibration, calibrate, dose_response, steer, steered_choices, with_layer
+from tunelens.directions import Direction
+from tunelens.errors import ConfigError
+from tunelens.results import Result, pair_provenance
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+ROLES = ("base", "tuned")
+COLORS = {"base": "#1f77b4", "tuned": "#d62728"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnobConfig:
+    """Settings of :func:`run_knob`; the defaults are the full study, :data:`DEMO` the reduced one."""
+
+    n_knob: int | None = None
+    n_test: int | None = None
+    layer_step: int = 1
+    threshold: float = 0.8
+    das: DASConfig = field(default_factory=DASConfig)
+    dose_ts: tuple[float, ...] = (-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0)
+    dose_fmts: tuple[str, ...] = ("none", "context", "prior")
+    effect_ts: tuple[float, float] = (-1.0, 2.0)
+    transfer_step: int = 3
+    n_transfer: int | None = None
+    n_generate: int = 3
+    max_new_tokens: int = 8
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_knob", "n_test", "n_transfer"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 4):
+                raise ConfigError(f"{name} must be None (all) or an integer >= 4, got {v!r}")
+        for name in ("layer_step", "transfer_step", "batch_size", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold must lie in (0, 1], got {self.threshold}")
+        if not self.dose_ts or not all(math.isfinite(t) for t in self.dose_ts):
+            raise ConfigError(f"dose_ts must be finite numbers, got {self.dose_ts}")
+        bad = [f for f in self.dose_fmts if f not in ("none", "context", "prior")]
+        if bad or not self.dose_fmts:
+            raise ConfigError(f"dose_fmts must be among 'none', 'context', 'prior', got {self.dose_fmts}")
+        if len(self.effect_ts) != 2 or self.effect_ts[0] >= self.effect_ts[1]:
+            raise ConfigError(
+                f"effect_ts must be (t_prior, t_context) with t_prior < t_context, got {self.effect_ts}"
+            )
+
+
+DEMO = KnobConfig(
+    n_knob=12,
+    n_test=12,
+    layer_step=5,
+    das=DASConfig(epochs=2, batch_size=8, lr=1e-2),
+    dose_ts=(-1.0, 0.0, 1.0, 2.0),
+    dose_fmts=("none",),
+    transfer_step=15,
+    n_transfer=8,
+    n_generate=1,
+    max_new_tokens=6,
+)
+"""Reduced settings for ``tunelens demo`` (a few minutes on 2 CPU cores)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnobResult(Result):
+    """Everything :func:`run_knob` measured; tables are tidy frames, the knob is a :class:`Direction`."""
+
+    title: ClassVar[str] = "context knob (Minder et al. 2024)"
+
+    pair: dict[str, str]
+    config: dict[str, Any]
+    knob_layer: int
+    layer_rule_met: bool
+    read_in: tuple[int, int]
+    accuracy: pd.DataFrame
+    layer_curve: pd.DataFrame
+    read_in_runs: pd.DataFrame
+    lens: pd.DataFrame
+    direction: Direction
+    baseline: Direction
+    base_direction: Direction
+    interchange: dict[str, float]
+    das_losses: list[float]
+    calibration: pd.DataFrame
+    dose: pd.DataFrame
+    transfer: pd.DataFrame
+    generations: pd.DataFrame
+    n_items: dict[str, int]
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.dose
+
+    def summary(self) -> dict[str, Any]:
+        acc = {
+            f"{r.model}_{k}": round(float(getattr(r, k)), 3)
+            for r in self.accuracy.itertuples()
+            for k in ("pair_accuracy", "context_accuracy", "prior_accuracy")
+        }
+        cal = {
+            f"auroc_{r.model}_{r.direction}": round(float(r.auroc), 3) for r in self.calibration.itertuples()
+        }
+        eff = self.transfer
+        best = {}
+        for role in ROLES:
+            part = eff[(eff.model == role) & (eff.direction == "tuned DAS")]
+            if len(part):
+                top = part.loc[part.effect.idxmax()]
+                best[f"transfer_{role}_best_layer"] = int(top.layer)
+                best[f"transfer_{role}_best_effect"] = round(float(top.effect), 3)
+        at_l = eff[(eff.layer == self.knob_layer) & (eff.direction == "tuned DAS")]
+        return {
+            "knob_layer": self.knob_layer,
+            "layer_rule_met": self.layer_rule_met,
+            "read_in_layers": list(self.read_in),
+            **acc,
+            **{f"interchange_{k}": round(v, 3) for k, v in self.interchange.items()},
+            "cosine_das_diff_of_means": round(self.direction.cosine(self.baseline), 3),
+            **cal,
+            **{f"steer_effect_{r.model}": round(float(r.effect), 3) for r in at_l.itertuples()},
+            **best,
+            "n_test_pairs": self.n_items["test"],
+            "n_confident_train": self.n_items["das_train"],
+            "n_confident_val": self.n_items["das_val"],
+        }
+
+    def figure(self, view: Literal["layers", "lens", "dose", "transfer"] = "layers"):
+        """``layers``: switch rate by patched layer, both models; ``lens``: logit-lens switch by read
+        layer for the read-in range; ``dose``: context-answer rate against ``c``, both models side by side;
+        ``transfer``: steering effect and AUROC by layer, tuned direction in both models."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        if view == "layers":
+            fig = go.Figure()
+            for role in ROLES:
+                part = self.layer_curve[(self.layer_curve.model == role) & (self.layer_curve.upper >= 0)]
+                for setting, dash in (("CP", "solid"), ("PC", "dash")):
+                    fig.add_scatter(
+                        x=part.upper,
+                        y=part[setting],
+                        mode="lines+markers",
+                        name=f"{role}: {setting}",
+                        line=dict(color=COLORS[role], dash=dash),
+                    )
+            fig.add_hline(y=self.config["threshold"], line_dash="dot", annotation_text="threshold")
+            fig.add_vline(x=self.knob_layer, line_dash="dot", annotation_text=f"knob layer {self.knob_layer}")
+            fig.update_layout(
+                title="Where the intent reaches the last token: patch last-token attention outputs of layers "
+                "0..L from the other intent<br><sup>CP: context-intent source into prior-intent target; PC: "
+                "the reverse. Switch = the source intent's answer wins (two candidates)</sup>",
+                xaxis_title="last patched layer L",
+                yaxis_title="switch rate (fraction of items)",
+                yaxis_range=[-0.02, 1.02],
+            )
+            return fig
+        if view == "lens":
+            fig = go.Figure()
+            for role in ROLES:
+                part = self.lens[self.lens.model == role]
+                for setting, dash in (("CP", "solid"), ("PC", "dash")):
+                    p = part[part.setting == setting]
+                    fig.add_scatter(
+                        x=p.read,
+                        y=p.switch,
+                        mode="lines+markers",
+                        name=f"{role}: {setting}",
+                        line=dict(color=COLORS[role], dash=dash),
+                    )
+            lo, hi = self.read_in
+            fig.update_layout(
+                title=f"Logit lens after patching attention outputs of layers {lo}..{hi} (last token)",
+                xaxis_title="layer read (residual after the block)",
+                yaxis_title="switch rate under the lens",
+                yaxis_range=[-0.02, 1.02],
+            )
+            return fig
+        if view == "dose":
+            panels = [("tuned", "tuned DAS"), ("base", "tuned DAS"), ("tuned", "base diff-of-means")]
+            fig = make_subplots(
+                rows=1,
+                cols=3,
+                shared_yaxes=True,
+                subplot_titles=[
+                    "tuned model, its DAS knob",
+                    "base model, the tuned model's knob",
+                    "tuned model, the base's diff-of-means",
+                ],
+            )
+            dashes = {"none": "solid", "context": "dash", "prior": "dot"}
+            for col, (role, dname) in enumerate(panels, start=1):
+                part = self.dose[(self.dose.model == role) & (self.dose.direction == dname)]
+                for fmt in dict.fromkeys(part.fmt):
+                    p = part[(part.fmt == fmt) & part.c.notna()]
+                    fig.add_scatter(
+                        x=p.c,
+                        y=p.context_rate,
+                        mode="lines+markers",
+                        row=1,
+                        col=col,
+                        name=f"{role}, {dname}: prompts '{fmt}'",
+                        legendgroup=fmt,
+                        line=dict(color=COLORS[role], dash=dashes[fmt]),
+                    )
+                fig.update_xaxes(title_text="c (set-point of uᵀh)", row=1, col=col)
+            fig.update_yaxes(
+                title_text="fraction answered from the context", range=[-0.02, 1.02], row=1, col=1
+            )
+            fig.update_layout(
+                title="Dose-response: set uᵀh = c at the knob layer on the last token "
+                "(prompt formats: none = no instruction; context / prior = with that instruction)"
+            )
+            return fig
+        if view == "transfer":
+            fig = make_subplots(
+                rows=1,
+                cols=2,
+                subplot_titles=[
+                    "steering effect: context rate at c_context − at c_prior (tuned set-points)",
+                    "AUROC of uᵀh, intent context vs prior",
+                ],
+            )
+            for role in ROLES:
+                part = self.transfer[(self.transfer.model == role) & (self.transfer.direction == "tuned DAS")]
+                fig.add_scatter(
+                    x=part.layer,
+                    y=part.effect,
+                    mode="lines+markers",
+                    name=f"{role}: effect",
+                    line=dict(color=COLORS[role]),
+                    row=1,
+                    col=1,
+                )
+                fig.add_scatter(
+                    x=part.layer,
+                    y=part.auroc,
+                    mode="lines+markers",
+                    name=f"{role}: AUROC",
+                    line=dict(color=COLORS[role], dash="dash"),
+                    row=1,
+                    col=2,
+                )
+            for col in (1, 2):
+                fig.add_vline(x=self.knob_layer, line_dash="dot", row=1, col=col)
+                fig.update_xaxes(title_text="layer the tuned model's knob is applied at", row=1, col=col)
+            fig.update_yaxes(title_text="Δ fraction answered from the context", row=1, col=1)
+            fig.update_yaxes(title_text="AUROC", range=[0, 1], row=1, col=2)
+            fig.update_layout(
+                title="Transfer: the tuned model's DAS direction, moved along the layers, in both models"
+            )
+            return fig
+        raise ConfigError(f"view must be 'layers', 'lens', 'dose' or 'transfer', got {view!r}")
+
+
+# --- the study ---------------------------------------------------------------------------------------
+
+
+def intent_accuracy(model, items: KnobItems, batch_size: int = 32) -> dict[str, float]:
+    """Pair / context / prior accuracy (two-candidate restricted) on ``items``."""
+    tok = model.tokenizer
+    ctx = picks_context(
+        candidate_logits(model, items.encode(tok, "context"), items.candidates, batch_size=batch_size)
+    )
+    pri = ~picks_context(
+        candidate_logits(model, items.encode(tok, "prior"), items.candidates, batch_size=batch_size)
+    )
+    return {
+        "pair_accuracy": float((ctx & pri).float().mean()),
+        "context_accuracy": float(ctx.float().mean()),
+        "prior_accuracy": float(pri.float().mean()),
+        "n_pairs": len(items),
+    }
+
+
+def steer_effect(
+    model,
+    direction: Direction,
+    items: KnobItems,
+    ts: Sequence[float],
+    *,
+    source: Calibration,
+    own: Calibration,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Context-answer rate of ``items``' instruction-free prompts steered to ``c(t_prior)`` and
+    ``c(t_context)`` read off ``source`` (the calibration in the model the direction was found in, as the
+    paper carries fixed set-points across models), their difference (the effect), and the AUROC of
+    ``uᵀh`` between intents in ``model`` itself (``own``)."""
+    lo, hi = source.grid(ts)
+    r_lo = float(steered_choices(model, direction, items, "none", lo, batch_size).float().mean())
+    r_hi = float(steered_choices(model, direction, items, "none", hi, batch_size).float().mean())
+    return {
+        "auroc": own.auroc,
+        "c_prior": lo,
+        "c_context": hi,
+        "rate_at_c_prior": r_lo,
+        "rate_at_c_context": r_hi,
+        "effect": r_hi - r_lo,
+    }
+
+
+def run_knob(
+    pair, cfg: KnobConfig, *, items: dict[str, KnobItems] | None = None, progress: Progress | None = None
+) -> KnobResult:
+    """The whole study on ``pair`` (see the module docstring). ``items``: ``{"knob", "test"}`` item sets;
+    by default the held-out facts of the zoo's knob fine-tune (:func:`~circuits.knob_data.heldout_items`)."""
+    say = progress or (lambda msg: log.info(msg))
+    t0 = time.time()
+    models = {"base": pair.base, "tuned": pair.tuned}
+    items = items if items is not None else heldout_items(pair.base, seed=cfg.seed)
+    for part in ("knob", "test"):
+        if part not in items or len(items[part]) == 0:
+            raise ConfigError(f"items must hold non-empty 'knob' and 'test' parts, got {list(items)}")
+    knob, test = items["knob"].head(cfg.n_knob), items["test"].head(cfg.n_test)
+    bs = cfg.batch_size
+    n_layers = pair.tuned.dims.n_layers
+
+    say(f"knob: pair accuracy of both models on {len(test)} held-out pairs")
+    acc_rows = [{"model": r, **intent_accuracy(m, test, bs)} for r, m in models.items()]
+
+    conf_knob = confident(pair.tuned, knob, bs)
+    conf_test = confident(pair.tuned, test, bs)
+    das_train = knob.subset(torch.nonzero(conf_knob)[:, 0])
+    das_val = test.subset(torch.nonzero(conf_test)[:, 0])
+    if len(das_train) < 2 or len(das_val) < 1:
+        raise ConfigError(
+            f"the tuned model answers only {len(das_train)} knob and {len(das_val)} test items right in both "
+            "intents; the knob needs a model that follows the intent"
+        )
+
+    say(f"knob: layer sweep (every {cfg.layer_step} layers) on {len(das_train)} confident items, both models")
+    grid = sorted(set(range(0, n_layers, cfg.layer_step)) | {n_layers - 1})
+    curve_rows, patchers = [], {}
+    for role, m in models.items():
+        patchers[role] = Patcher(m, das_train, bs)
+        curve_rows += [{"model": role, **r} for r in prefix_sweep(patchers[role], grid)]
+    tuned_rows = [r for r in curve_rows if r["model"] == "tuned"]
+    layer, rule_met = choose_layer(tuned_rows, cfg.threshold)
+    lower, lower_runs = lower_bound(patchers["tuned"], layer, cfg.threshold)
+    say(f"knob: layer {layer} (rule met: {rule_met}); attention writes the intent in layers {lower}..{layer}")
+    lens_rows = [
+        {"model": role, **r}
+        for role in ROLES
+        for r in lens_curve(patchers[role], list(range(lower, layer + 1)))
+    ]
+
+    say(f"knob: rank-1 DAS at resid_post.{layer} on {len(das_train)} items ({2 * len(das_train)} pairs)")
+    train_set = interchange_set(pair.tuned, das_train, layer, bs)
+    val_set = interchange_set(pair.tuned, das_val, layer, bs)
+    u, losses = train_das(pair.tuned, train_set, layer, cfg.das, name="tuned DAS")
+    dom = mean_direction(pair.tuned, knob, layer, bs)
+    rnd = random_direction(pair.tuned, layer, cfg.seed)
+    base_dom = mean_direction(pair.base, knob, layer, bs)
+    interchange = {
+        "das_val": interchange_accuracy(pair.tuned, u, val_set, bs),
+        "das_train": interchange_accuracy(pair.tuned, u, train_set, bs),
+        "diff_of_means_val": interchange_accuracy(pair.tuned, dom, val_set, bs),
+        "random_val": interchange_accuracy(pair.tuned, rnd, val_set, bs),
+    }
+    say(
+        f"knob: interchange accuracy DAS {interchange['das_val']:.2f}, diff-of-means "
+        f"{interchange['diff_of_means_val']:.2f}, random {interchange['random_val']:.2f}"
+    )
+
+    say("knob: calibration and dose-response in both models")
+    directions = {"tuned DAS": u, "tuned diff-of-means": dom, "base diff-of-means": base_dom}
+    cal_rows, dose_rows, cals = [], [], {}
+    for role, m in models.items():
+        for dname, d in directions.items():
+            cal = calibrate(m, d, knob, bs)
+            cals[(role, dname)] = cal
+            cal_rows.append(
+                {
+                    "model": role,
+                    "direction": dname,
+                    "mean_context": cal.mean_context,
+                    "mean_prior": cal.mean_prior,
+                    "std_context": cal.std_context,
+                    "std_prior": cal.std_prior,
+                    "auroc": cal.auroc,
+                }
+            )
+    found_in = {"tuned DAS": "tuned", "tuned diff-of-means": "tuned", "base diff-of-means": "base"}
+    for role, dname in (("tuned", "tuned DAS"), ("base", "tuned DAS"), ("tuned", "base diff-of-means")):
+        cal = cals[(found_in[dname], dname)]  # set-points of the model the direction was found in
+        cs = cal.grid(cfg.dose_ts)
+        for r in dose_response(models[role], directions[dname], test, cs, cfg.dose_fmts, bs):
+            t = math.nan if math.isnan(r["c"]) else cfg.dose_ts[cs.index(r["c"])]
+            dose_rows.append({"model": role, "direction": dname, "t": t, **r})
+
+    say(f"knob: transfer sweep (every {cfg.transfer_step} layers) of the tuned knob in both models")
+    layers = sorted(set(range(0, n_layers, cfg.transfer_step)) | {layer})
+    cal_t, test_t = knob.head(cfg.n_transfer), test.head(cfg.n_transfer)
+    transfer_rows = []
+    for ell in layers:
+        moved = with_layer(u, ell)
+        own = {role: calibrate(m, moved, cal_t, bs) for role, m in models.items()}
+        for role, m in models.items():
+            eff = steer_effect(
+                m, moved, test_t, cfg.effect_ts, source=own["tuned"], own=own[role], batch_size=bs
+            )
+            transfer_rows.append({"model": role, "direction": "tuned DAS", "layer": ell, **eff})
+    transfer_rows.append(
+        {
+            "model": "tuned",
+            "direction": "base diff-of-means",
+            "layer": layer,
+            **steer_effect(
+                pair.tuned,
+                base_dom,
+                test_t,
+                cfg.effect_ts,
+                source=cals[("base", "base diff-of-means")],
+                own=cals[("tuned", "base diff-of-means")],
+                batch_size=bs,
+            ),
+        }
+    )
+
+    say("knob: generated text with and without the knob")
+    gen_rows = []
+    for i in range(min(cfg.n_generate, len(test))):
+        prompt = test.prompts("none")[i]
+        lo, hi = cals[("tuned", "tuned DAS")].grid(cfg.effect_ts)
+        for role, m in models.items():
+            gen_rows.append(
+                {
+                    "item": test.item_ids[i],
+                    "model": role,
+                    "prior_answer": test.answers[i][0],
+                    "context_answer": test.answers[i][1],
+                    "unsteered": m.generate(prompt, max_new_tokens=cfg.max_new_tokens),
+                    "c_prior": steer(m, u, prompt, lo, cfg.max_new_tokens),
+                    "c_context": steer(m, u, prompt, hi, cfg.max_new_tokens),
+                }
+            )
+
+    from dataclasses import asdict
+
+    return KnobResult(
+        pair=pair_provenance(pair),
+        config={**asdict(cfg), "das": asdict(cfg.das)},
+        knob_layer=layer,
+        layer_rule_met=rule_met,
+        read_in=(lower, layer),
+        accuracy=pd.DataFrame(acc_rows),
+        layer_curve=pd.DataFrame(curve_rows),
+        read_in_runs=pd.DataFrame(
+            lower_runs or [{"lower": float(layer), "CP": math.nan, "PC": math.nan, "mean": math.nan}]
+        ),
+        lens=pd.DataFrame(lens_rows),
+        direction=u,
+        baseline=dom,
+        base_direction=base_dom,
+        interchange=interchange,
+        das_losses=losses,
+        calibration=pd.DataFrame(cal_rows),
+        dose=pd.DataFrame(dose_rows),
+        transfer=pd.DataFrame(transfer_rows),
+        generations=pd.DataFrame(gen_rows),
+        n_items={"knob": len(knob), "test": len(test), "das_train": len(das_train), "das_val": len(das_val)},
+        seconds=round(time.time() - t0, 1),
+    )
+
+
+PAIR = "smollm2-knob"
+
+
+def _load_pair(progress: Progress):
+    from tunelens.models import zoo
+
+    tuned = zoo.PAIRS[PAIR][1]
+    if not zoo.is_built(tuned):
+        progress(f"knob: building {tuned} (a LoRA fine-tune of SmolLM2, about 10 minutes once)")
+        zoo.build(tuned, progress=progress)
+    return zoo.load_pair(PAIR)
+
+
+def demo_step(ctx) -> dict:
+    """The knob at reduced settings (:data:`DEMO`) on the ``smollm2-knob`` pair (not ``ctx.pair``, whose
+    fine-tune is entity tracking); saves ``ctx.out/knob`` and returns the headline numbers."""
+    pair = _load_pair(ctx.progress)
+    result = run_knob(pair, DEMO, progress=ctx.progress)
+    result.save(ctx.out / "knob")
+    return {**result.summary(), "seconds": result.seconds, "settings": "circuits.knob.DEMO"}
+
+
+def reproduce(out, *, progress: Progress | None = None) -> dict:
+    """``tunelens reproduce``: the full study (:class:`KnobConfig` defaults: every held-out fact, every
+    layer) saved in ``out`` (the folder the reproduce job gives it); returns the headline numbers."""
+    from pathlib import Path
+
+    say = progress or (lambda msg: log.info(msg))
+    result = run_knob(_load_pair(say), KnobConfig(), progress=say)
+    result.save(Path(out))
+    return {**result.summary(), "seconds": result.seconds}

@@ -1,0 +1,235 @@
+"""The context knob on a tiny model trained to follow a binary intent token (see knob_toy.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from circuits.knob import KnobConfig, KnobResult, run_knob
+from circuits.knob_das import (
+    DASConfig,
+    confident,
+    interchange_accuracy,
+    interchange_set,
+    mean_direction,
+    random_direction,
+    train_das,
+)
+from circuits.knob_data import KnobItems
+from circuits.knob_layers import Patcher, choose_layer, prefix_sweep
+from circuits.knob_runs import last_logits
+from circuits.steering import (
+    calibrate,
+    projections,
+    steer,
+    steer_writes,
+    steered_choices,
+    with_layer,
+)
+from tests.unit.circuits.knob_toy import toy_items, train_toy
+from tunelens.backends.hooks import count_hooks
+from tunelens.directions import Direction
+from tunelens.errors import ConfigError, PromptError, ShapeError, SiteError
+from tunelens.generation import last_token_edit
+from tunelens.models.loaded import LoadedModel, ModelSource
+from tunelens.models.pair import ModelPair
+from tunelens.models.tiny import TinyConfig, tiny_llama
+from tunelens.sites import Site
+from tunelens.tasks.context_knob import ContextKnobConfig, generate
+from tunelens.tasks.facts import Fact
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The toy is trained in seconds; its result depends on float summation order, so pin the thread count
+    (the same numbers on a 2-core laptop, a CI box and under OMP_NUM_THREADS=1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_tok) -> LoadedModel:
+    return train_toy(tiny_tok)
+
+
+@pytest.fixture(scope="module")
+def toy_sets(toy, tiny_tok) -> dict[str, KnobItems]:
+    items = toy_items(64, 7, tiny_tok)
+    items = items.subset(torch.nonzero(confident(toy, items))[:, 0])
+    return items.split({"train": 0.5, "val": 0.5}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def knob(toy, toy_sets) -> Direction:
+    layer = _toy_layer(toy, toy_sets["train"])
+    u, losses = train_das(
+        toy, interchange_set(toy, toy_sets["train"], layer), layer, DASConfig(epochs=10, lr=0.05)
+    )
+    assert losses[-1] < losses[0]
+    return u
+
+
+def _toy_layer(model, items) -> int:
+    rows = prefix_sweep(Patcher(model, items), range(model.dims.n_layers))
+    layer, met = choose_layer(rows, 0.6)  # the toy moves most of the intent in layer 0
+    assert met
+    return layer
+
+
+def flip_rates(model, direction: Direction, cal_items: KnobItems, items: KnobItems) -> tuple[float, float]:
+    """(prior-intent prompts steered to c_context that answer from the context, context-intent prompts
+    steered to c_prior that answer from memory); c = c_prior + t (c_context − c_prior), t = 2 and −1."""
+    cal = calibrate(model, direction, cal_items)
+    c_prior, c_context = cal.grid((-1.0, 2.0))
+    to_ctx = steered_choices(model, direction, items, "prior", c_context).float().mean()
+    to_pri = (~steered_choices(model, direction, items, "context", c_prior)).float().mean()
+    return float(to_ctx), float(to_pri)
+
+
+def test_toy_model_follows_the_intent(toy, tiny_tok):
+    assert confident(toy, toy_items(64, 7, tiny_tok)).float().mean() >= 0.9
+
+
+def test_layer_sweep_switches_only_when_patched(toy, toy_sets):
+    rows = prefix_sweep(Patcher(toy, toy_sets["train"]), range(toy.dims.n_layers))
+    assert rows[0]["upper"] == -1 and rows[0]["mean"] == 0.0  # confident items: nothing patched, no switch
+    assert rows[-1]["mean"] == 1.0  # the whole last-token residual transplanted: always the source's answer
+
+
+def test_das_knob_flips_the_answer_and_random_does_not(toy, toy_sets, knob):
+    # In this toy the knob is lopsided: it switches memory -> context on >= 90% of prompts, the reverse
+    # only partly (the context letter is fetched at other layers too), yet far more than a random direction.
+    to_ctx, to_pri = flip_rates(toy, knob, toy_sets["train"], toy_sets["val"])
+    rnd = random_direction(toy, knob.site.layer, seed=1)
+    rnd_ctx, rnd_pri = flip_rates(toy, rnd, toy_sets["train"], toy_sets["val"])
+    assert to_ctx >= 0.9 and rnd_ctx < 0.1
+    assert to_pri > rnd_pri + 0.15
+    val = interchange_set(toy, toy_sets["val"], knob.site.layer)
+    assert interchange_accuracy(toy, knob, val) > interchange_accuracy(toy, rnd, val)
+    dom = mean_direction(toy, toy_sets["train"], knob.site.layer)
+    assert abs(knob.cosine(dom)) > 0.5
+
+
+def test_steering_to_the_current_projection_is_a_no_op(toy, toy_sets, knob):
+    tokens = toy.encode(toy_sets["val"].prompts("none"))
+    c = projections(toy, knob, tokens)
+    plain = last_logits(toy, tokens)
+    steered = last_logits(toy, tokens, writes=lambda sl, part: steer_writes(knob, c[sl], part))
+    torch.testing.assert_close(steered, plain, atol=1e-5, rtol=1e-5)
+    # the generation hook (HF, key/value cache) with c = uᵀh of the prompt's last token: same first token
+    prompt = toy_sets["val"].prompts("prior")[0]
+    h_c = float(projections(toy, knob, toy.encode([prompt]))[0])
+    with torch.no_grad():
+        ref = toy.logits(toy.encode([prompt]))[0, -1]
+        with last_token_edit(toy, knob.site, lambda h: h + (h_c - h @ knob.vector)[:, None] * knob.vector):
+            got = toy.logits(toy.encode([prompt]))[0, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_hook_matches_the_backend_write(toy, toy_sets, knob):
+    prompt = toy_sets["val"].prompts("prior")[0]
+    cal = calibrate(toy, knob, toy_sets["train"])
+    c = cal.grid((3.0,))[0]
+    tokens = toy.encode([prompt])
+    backend = last_logits(toy, tokens, writes=lambda sl, part: steer_writes(knob, c, part))[0]
+    with (
+        torch.no_grad(),
+        last_token_edit(toy, knob.site, lambda h: h + (c - h @ knob.vector)[:, None] * knob.vector),
+    ):
+        hooked = toy.logits(tokens)[0, -1]
+    torch.testing.assert_close(hooked, backend, atol=1e-4, rtol=1e-4)
+    text = steer(toy, knob, prompt, c, max_new_tokens=1)
+    assert text.strip() == toy.tokenizer.decode([int(backend.argmax())]).strip()
+    assert count_hooks(toy.module) == 0
+
+
+def test_hooks_are_removed_when_the_edit_raises(toy, knob):
+    with pytest.raises(ShapeError), last_token_edit(toy, knob.site, lambda h: h[:, :3]):
+        toy.logits(toy.encode(["Box F contains the"]))
+    assert count_hooks(toy.module) == 0
+
+
+def test_run_knob_end_to_end_and_reload_steers_identically(toy, tiny_tok, tmp_path):
+    base = LoadedModel(
+        tiny_llama(TinyConfig(n_layers=3), len(tiny_tok.get_vocab()), seed=5),
+        tiny_tok,
+        source=ModelSource(kind="memory", location="tiny-untrained"),
+        name="tiny-untrained",
+    )
+    pair = ModelPair(base, toy)
+    items = toy_items(40, 11, tiny_tok).split({"knob": 0.5, "test": 0.5}, seed=0)
+    cfg = KnobConfig(
+        das=DASConfig(epochs=4, lr=0.05), dose_ts=(-1.0, 2.0), transfer_step=2, n_generate=1, max_new_tokens=2
+    )
+    result = run_knob(pair, cfg, items=items)
+    s = result.summary()
+    assert s["tuned_pair_accuracy"] > s["base_pair_accuracy"]
+    assert 0 <= s["knob_layer"] < toy.dims.n_layers
+    for view in ("layers", "lens", "dose", "transfer"):
+        fig = result.figure(view)
+        assert fig.layout.title.text
+    loaded = KnobResult.load(result.save(tmp_path / "knob"))
+    assert loaded.summary() == s
+    torch.testing.assert_close(loaded.direction.vector, result.direction.vector)
+    prompt = items["test"].prompts("prior")[0]
+    assert steer(toy, loaded.direction, prompt, 4.0, 3) == steer(toy, result.direction, prompt, 4.0, 3)
+    a = steered_choices(toy, loaded.direction, items["test"], "prior", 4.0)
+    assert torch.equal(a, steered_choices(toy, result.direction, items["test"], "prior", 4.0))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_layer_out_of_range(toy, toy_sets, knob):
+    with pytest.raises(SiteError, match="out of range"):
+        steer(toy, with_layer(knob, 99), "Box F contains the", 1.0)
+    with pytest.raises(SiteError, match="out of range"):
+        interchange_set(toy, toy_sets["train"], 99)
+    with pytest.raises(SiteError, match="out of range"):
+        Patcher(toy, toy_sets["train"]).run("CP", [7])
+
+
+def test_direction_of_the_wrong_width(toy, toy_sets):
+    wrong = Direction(site=Site("resid_post", 1), vector=torch.ones(10))
+    with pytest.raises(ShapeError, match="width 10"):
+        steer(toy, wrong, "Box F contains the", 1.0)
+    with pytest.raises(ShapeError, match="width 10"):
+        calibrate(toy, wrong, toy_sets["train"])
+
+
+def test_prompts_without_both_intents(tiny_tok):
+    facts = [
+        Fact(relation="capital", subject=s, answer=a) for s, a in [("France", "Paris"), ("Italy", "Rome")]
+    ]
+    ds = generate(ContextKnobConfig(relations=("capital",)), seed=0, facts=facts)
+    only_context = ds.subset([i for i, e in enumerate(ds.examples) if e.meta["intent"] == "context"])
+    with pytest.raises(PromptError, match="both"):
+        KnobItems.from_dataset(only_context, tiny_tok)
+    with pytest.raises(PromptError, match="both intents"):
+        KnobItems(
+            item_ids=("a",),
+            prompt_by_fmt={"context": ("x",)},
+            candidates=torch.tensor([[1, 2]]),
+            answers=(("p", "c"),),
+        )
+
+
+@pytest.mark.parametrize("c", [math.nan, math.inf, -math.inf, "high"])
+def test_c_not_finite(toy, knob, c):
+    with pytest.raises(ConfigError, match="c must be"):
+        steer(toy, knob, "Box F contains the", c)
+    with pytest.raises(ConfigError, match="c must be"):
+        steer_writes(knob, c, toy.encode(["Box F contains the"]))
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="threshold"):
+        KnobConfig(threshold=0.0)
+    with pytest.raises(ConfigError, match="dose_fmts"):
+        KnobConfig(dose_fmts=("sideways",))
+    with pytest.raises(ConfigError, match="epochs"):
+        DASConfig(epochs=0)
