@@ -27,12 +27,14 @@ from tunelens.cli import main
 from tunelens.errors import (
     ConfigError,
     DeviceError,
+    JobError,
     ModelLoadError,
     PairIncompatibleError,
     PromptError,
     ShapeError,
     SiteError,
     StoreCorruptError,
+    StoreError,
     StoreMismatchError,
     TunelensError,
     ZooError,
@@ -242,6 +244,76 @@ def _cli_cache(ctx: Ctx, sites: str):
     saved = str(_saved(ctx))
     out = str(ctx.tmp / "out")
     _cli(ctx, "cache", saved, "--tuned", saved, "--task", "entity_tracking", "--sites", sites, "--out", out)
+
+
+# --- the analyses, job files and results folders -----------------------------------------------------
+
+EXAMPLE_JOB = Path(__file__).resolve().parents[2] / "examples" / "tiny-probe-job.yaml"
+
+
+def _job(ctx: Ctx, change: dict, name: str = "job.yaml") -> Path:
+    import yaml
+
+    spec = yaml.safe_load(EXAMPLE_JOB.read_text())
+    spec.update(change)
+    path = ctx.tmp / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _load_job(ctx: Ctx, change: dict):
+    from tunelens.jobs import JobSpec
+
+    return JobSpec.from_file(_job(ctx, change))
+
+
+def _job_text(ctx: Ctx, text: str):
+    from tunelens.jobs import JobSpec
+
+    (ctx.tmp / "list.yaml").write_text(text)
+    return JobSpec.from_file(ctx.tmp / "list.yaml")
+
+
+def _probe_acts(n: int = 120, d: int = 4, layers: int = 2):
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(layers, n, d, generator=gen)
+    return {"base": acts, "tuned": acts.clone()}
+
+
+def _fit(acts, labels, n: int = 120):
+    from probes import ProbeConfig, fit_probes
+
+    return fit_probes(acts, labels, [f"item{i}" for i in range(n)], ProbeConfig(min_test_items=10))
+
+
+def _nan_acts():
+    acts = _probe_acts()
+    acts["tuned"][1, 7, 2] = float("nan")
+    return acts
+
+
+def _knob_direction(ctx: Ctx, width: int):
+    from tunelens.directions import Direction
+
+    return Direction(site=Site("resid_post", 1), vector=torch.ones(width))
+
+
+def _steer(ctx: Ctx, width: int, c: float):
+    from circuits.steering import steer
+
+    return steer(ctx.model, _knob_direction(ctx, width), "Box F contains the", c, max_new_tokens=2)
+
+
+def _live(ctx: Ctx, prompt: str, counterfactual: str):
+    from circuits.live import live_sweep
+
+    return live_sweep(ctx.model, prompt, counterfactual, top_k=2)
+
+
+def _intruders(**kw):
+    from spectral.intruders import IntruderConfig
+
+    return IntruderConfig(**kw)
 
 
 NO_CUDA = (pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),)
@@ -544,6 +616,85 @@ CASES = [
         lambda ctx: _cli_cache(ctx, "z.one"),
         SiteError,
         r"cannot parse site 'z\.one'; expected 'kind\.layer' or 'kind\.layer\.head'",
+    ),
+    # 14. job files (validated before anything runs; paths stay inside the output folder)
+    Case(
+        "job-unknown-key",
+        lambda ctx: _load_job(ctx, {"colour": "red"}),
+        JobError,
+        r"job\.yaml: unknown key 'colour'",
+    ),
+    Case(
+        "job-bad-task-size",
+        lambda ctx: _load_job(ctx, {"task": {"name": "entity_tracking", "n": 0}}),
+        JobError,
+        r"task\.n.*integer >= 1",
+    ),
+    Case(
+        "job-path-escapes-output",
+        lambda ctx: _load_job(ctx, {"results": "../../elsewhere"}),
+        JobError,
+        r"results: expected a (relative path|path without)",
+    ),
+    Case(
+        "job-yaml-not-a-mapping", lambda ctx: _job_text(ctx, "- a\n- list\n"), JobError, r"expected a mapping"
+    ),
+    Case(
+        "cli-jobs-run-bad-executor",
+        lambda ctx: _cli(ctx, "jobs", "run", str(_job(ctx, {"executor": {"kind": "slurm"}}))),
+        JobError,
+        r"executor\.kind.*'slurm'",
+    ),
+    # 15. probes
+    Case(
+        "probe-labels-wrong-length",
+        lambda ctx: _fit(_probe_acts(), torch.zeros(119, dtype=torch.long)),
+        ShapeError,
+        r"119.*120|120.*119",
+    ),
+    Case(
+        "probe-single-class",
+        lambda ctx: _fit(_probe_acts(), torch.zeros(120, dtype=torch.long)),
+        ConfigError,
+        r"(one|single) class|2 classes|two classes",
+    ),
+    Case(
+        "probe-nan-activations",
+        lambda ctx: _fit(_nan_acts(), torch.arange(120) % 2),
+        ShapeError,
+        r"(?i)nan",
+    ),
+    # 16. circuits and the knob
+    Case(
+        "live-sweep-lengths-differ",
+        lambda ctx: _live(ctx, "Box F contains the", "Box F contains"),
+        PromptError,
+        r"tokens but the counterfactual has",
+    ),
+    Case("live-sweep-empty-prompt", lambda ctx: _live(ctx, "", "Box F"), PromptError, r"(?i)empty"),
+    Case(
+        "steer-direction-wrong-width",
+        lambda ctx: _steer(ctx, 7, 1.0),
+        ShapeError,
+        r"width 7",
+    ),
+    Case(
+        "steer-c-not-finite",
+        lambda ctx: _steer(ctx, 64, float("inf")),
+        ConfigError,
+        r"c must be finite, got inf",
+    ),
+    # 17. weight space
+    Case(
+        "intruders-epsilon-out-of-range", lambda ctx: _intruders(epsilon=1.5), ConfigError, r"(?i)epsilon|ε"
+    ),
+    Case("intruders-k-not-positive", lambda ctx: _intruders(k=0), ConfigError, r"\bk\b"),
+    # 18. results folders
+    Case(
+        "results-folder-missing",
+        lambda ctx: __import__("tunelens.results").results.load_result(ctx.tmp / "none"),
+        StoreError,
+        r"is not a tunelens result folder \(no result\.json\)",
     ),
 ]
 
