@@ -41,6 +41,8 @@ from tunelens.tasks.base import Encoded
 HeadAt = tuple[int, int, str | int]
 Scope = Literal["all", "positions"]
 
+MIN_GAP = 0.05  # the full model must beat chance by this much for faithfulness to be defined
+
 
 @dataclass(frozen=True, kw_only=True)
 class MeanZ:
@@ -207,8 +209,13 @@ class CircuitResult(Result):
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def _faith(self, acc: float) -> float:
+        """Chance-corrected; NaN (undefined) when the full model is not above chance by MIN_GAP."""
         gap = self.acc_full - self.chance
-        return (acc - self.chance) / gap if abs(gap) > 1e-9 else float("nan")
+        return (acc - self.chance) / gap if gap > MIN_GAP else float("nan")
+
+    @property
+    def defined(self) -> bool:
+        return self.acc_full - self.chance > MIN_GAP
 
     @property
     def faithfulness(self) -> float:
@@ -246,7 +253,11 @@ class CircuitResult(Result):
                     f"random circuits ({len(self.acc_random)} draws)",
                 ],
                 y=[self.acc_full, self.acc_circuit, racc],
-                text=["", f"faithfulness {self.faithfulness:.2f}", f"faithfulness {rm:.2f} ± {rs:.2f}"],
+                text=(
+                    ["", f"faithfulness {self.faithfulness:.2f}", f"faithfulness {rm:.2f} ± {rs:.2f}"]
+                    if self.defined
+                    else ["at or below chance: faithfulness undefined", "", ""]
+                ),
                 name="accuracy",
             )
         )
@@ -266,8 +277,9 @@ class CircuitResult(Result):
             "acc_full": round(self.acc_full, 3),
             "acc_circuit": round(self.acc_circuit, 3),
             "chance": round(self.chance, 3),
-            "faithfulness": round(self.faithfulness, 3),
-            "random_faithfulness": [round(rm, 3), round(rs, 3)],
+            "faithfulness": round(self.faithfulness, 3) if self.defined else None,
+            "random_faithfulness": [round(rm, 3), round(rs, 3)] if self.defined else None,
+            **({} if self.defined else {"note": "undefined: the full model is not above chance"}),
             "n_candidates_checked": self.n_candidates_checked,
             "scope": self.scope,
         }
