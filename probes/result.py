@@ -216,6 +216,7 @@ class ProbeResult(Result):
                 xaxis_title="layer",
                 yaxis_title=label,
                 legend_title="model: probe",
+                xaxis=dict(tickmode="linear", dtick=1 if len(self.layers) <= 12 else 2),
             )
             return fig
         if view == "selectivity":
@@ -227,6 +228,7 @@ class ProbeResult(Result):
                 xaxis_title="layer",
                 yaxis_title=f"selectivity ({label} points)",
                 legend_title="model",
+                xaxis=dict(tickmode="linear", dtick=1 if len(self.layers) <= 12 else 2),
             )
             return fig
         if view == "transfer":
