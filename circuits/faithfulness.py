@@ -125,14 +125,7 @@ def _keep_masks(
         if pos == "all":
             keep[layer][:, :, head] = True
         elif isinstance(pos, str):
-            if pos not in data.positions:
-                raise ConfigError(
-                    f"unknown position {pos!r}; this task has {', '.join(sorted(data.positions))}"
-                )
-            p = data.positions[pos]
-            if (p < 0).any():
-                raise ShapeError(f"position {pos!r} is missing (-1) in some prompts")
-            keep[layer][rows, p, head] = True
+            keep[layer][rows, data.position(pos), head] = True
         else:
             if not 0 <= int(pos) < n_pos:
                 raise ShapeError(f"position {pos} is outside the prompts (0..{n_pos - 1})")

@@ -28,7 +28,7 @@ from circuits.patching import (
     trace,
 )
 from circuits.patching_result import PatchingResult
-from tunelens.errors import ConfigError, ShapeError
+from tunelens.errors import ConfigError
 from tunelens.models.loaded import LoadedModel
 from tunelens.tasks.base import Encoded
 
@@ -78,13 +78,7 @@ def resolve_positions(
     out: list[Position] = []
     for p in positions:
         if isinstance(p, str):
-            if p not in data.positions:
-                raise ConfigError(
-                    f"unknown position {p!r}; this task has {', '.join(sorted(data.positions))}"
-                )
-            t = data.positions[p]
-            if (t < 0).any():
-                raise ShapeError(f"position {p!r} is missing (-1) in some prompts")
+            t = data.position(p)
             out.append(int(t[0]) if bool((t == t[0]).all()) else t.clone())
         else:
             out.append(int(p))

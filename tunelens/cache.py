@@ -63,15 +63,7 @@ class CacheConfig:
 def _positions(enc: Encoded, name: str) -> Tensor | None:
     if name == "all":
         return None
-    if name not in enc.positions:
-        raise ConfigError(
-            f"position {name!r} is not defined by this task; it has {sorted(enc.positions)} or 'all'"
-        )
-    pos = enc.positions[name]
-    if (pos < 0).any():
-        i = int((pos < 0).nonzero()[0])
-        raise PromptError(f"example {i} has no {name!r} position (its prompt lacks that mark)")
-    return pos
+    return enc.position(name, also=("all",))
 
 
 def _pad_to(t: Tensor, length: int, axis: int) -> Tensor:

@@ -20,7 +20,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tunelens.backends.base import TokenBatch
-from tunelens.errors import PromptError, TaskError
+from tunelens.errors import ConfigError, PromptError, TaskError
 from tunelens.tasks.facts import split_by_item
 
 
@@ -48,6 +48,24 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def position(self, name: str, *, also: Sequence[str] = ()) -> Int[Tensor, " batch"]:
+        """The token index of the named position in every prompt.
+
+        Raises ConfigError for a name the task does not define (``also``: other names the caller
+        accepts, listed in the message) and PromptError when a prompt lacks that mark.
+        """
+        if name not in self.positions:
+            others = f" or {', '.join(map(repr, also))}" if also else ""
+            raise ConfigError(
+                f"unknown position: position {name!r} is not defined by this task; "
+                f"it has {sorted(self.positions)}{others}"
+            )
+        pos = self.positions[name]
+        if (pos < 0).any():
+            i = int((pos < 0).nonzero()[0])
+            raise PromptError(f"example {i} has no {name!r} position (its prompt lacks that mark)")
+        return pos
 
     def select(self, index: slice | Tensor) -> Encoded:
         return Encoded(
