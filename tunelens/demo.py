@@ -161,10 +161,8 @@ def run_demo(out: Path, *, progress: Progress = print, only: Sequence[str] | Non
 
 
 def _report(out: Path, summary: dict[str, Any], progress: Progress) -> None:
-    try:
-        from tunelens.report import write_report
-    except ImportError:  # the report face is optional while it is being built
-        return
+    from tunelens.report import write_report
+
     path = write_report(out)
     summary["report"] = str(path)
     atomic_write_json(out / "summary.json", summary)
