@@ -52,7 +52,7 @@ def real_acts(task: str, n_contexts: int):
         ys = {r: (top[r] == answers).long() for r in top}
     else:
         y = torch.tensor([e.meta["query_index"] for e in data])
-        ys = {"base": y, "tuned": y}
+        ys = {"base": y, "tuned": y.clone()}  # safetensors refuses shared storage
     print(f"captured in {time.time() - t0:.0f}s -> {cache}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -135,7 +135,7 @@ def main() -> None:
         f"\nscikit-learn (lbfgs, tol 1e-4, layer by layer, {2 * n_layer} fits): {t_sk:8.2f} s "
         f"(median {int(np.median(iters))} iterations)"
     )
-    solver = "Newton in the span of the training examples" if k == 2 else "batched L-BFGS"
+    solver = "Newton in the span of the training examples" if k == 2 else "preconditioned batched L-BFGS"
     print(
         f"tunelens fit_probes (all layers of both models in one optimisation: {solver}, tol {cfg.tol:g}): "
         f"{t_ours:8.2f} s (converged {int(res.converged.sum())}/{res.converged.numel()})"

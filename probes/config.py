@@ -47,12 +47,13 @@ class ProbeConfig:
             activations are standardised with *its own* training-split mean and scale (no labels
             used) and the source probe's standardised-space weights applied; ``source``: the source
             probe is applied unchanged, as an affine function of raw activations.
-        precision: dtype of the products with the activations (``float32`` halves the memory traffic
-            that bounds the speed on a CPU; ``float64`` reproduces scikit-learn's coefficients to
-            ~1e-6). Parameters, losses and the optimiser state are float64 either way.
-        solver: ``newton`` (binary logistic: Newton in the span of the training examples, ~10 iterations
-            of dense linear algebra, float64), ``lbfgs`` (any number of classes: batched L-BFGS) or
-            ``auto`` (Newton for binary probes with up to 3,000 training examples, else L-BFGS).
+        precision: dtype of the products with the activations and of the factorisations (``float32``
+            halves their cost on a CPU; ``float64`` reproduces scikit-learn's coefficients to ~1e-6).
+            Parameters, losses, the stopping gradient and the optimiser state are float64 either way.
+        solver: ``newton`` (binary logistic: Newton in the span of the training examples, ~5–10
+            iterations of dense linear algebra), ``lbfgs`` (any number of classes: batched L-BFGS
+            preconditioned by the log-loss's curvature bound, tens of iterations) or ``auto`` (Newton
+            for binary probes with up to 3,000 training examples, else L-BFGS).
         min_test_items: smallest test split (in items) a reported accuracy may rest on (100; lower only
             for tests and toys).
     """

@@ -25,6 +25,9 @@ from torch import Tensor
 
 # fun(x) -> (value per problem, gradient); ``x`` is [problem, n_params]
 Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
+# precondition(q) -> M⁻¹q for a fixed positive-definite M per problem (a model of its Hessian); q is
+# [m, problem, n_params] (m vectors per problem at once)
+Preconditioner = Callable[[Tensor], Tensor]
 # line(x, d) -> (phi, finish): phi(t) is the value at x + t·d (t per problem), finish(t) value and gradient
 Line = Callable[
     [Tensor, Tensor], tuple[Callable[[Tensor], Tensor], Callable[[Tensor], tuple[Tensor, Tensor]]]
@@ -41,9 +44,18 @@ class MinimizeResult:
 
 
 def _two_loop(
-    g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, valid: Tensor, newest: int
+    g: Tensor,
+    S: Tensor,
+    Y: Tensor,
+    rho: Tensor,
+    valid: Tensor,
+    newest: int,
+    precondition: Preconditioner | None = None,
 ) -> Float[Tensor, "problem n_params"]:
     """``-H g`` by the L-BFGS two-loop recursion, batched, over a ring buffer whose newest slot is given.
+
+    The initial inverse Hessian is ``γ·I``, or ``γ·M⁻¹`` with a preconditioner, where ``γ = sᵀy / yᵀH₀y``
+    of the newest pair (Nocedal & Wright, eq. 7.20).
 
     A problem that skipped an update keeps an older pair in a newer slot; the recursion then applies its
     pairs in another order, which is still a valid (positive definite) BFGS approximation.
@@ -58,7 +70,11 @@ def _two_loop(
         q.addcmul_(Y[:, i], a[:, None], value=-1)
         alphas[i] = a
     sy = torch.linalg.vecdot(S[:, newest], Y[:, newest])
-    yy = torch.linalg.vecdot(Y[:, newest], Y[:, newest])
+    if precondition is None:
+        yy = torch.linalg.vecdot(Y[:, newest], Y[:, newest])
+    else:  # M⁻¹q and M⁻¹y in one call (one pass over the preconditioner)
+        q, my = precondition(torch.stack([q, Y[:, newest]])).to(S.dtype)
+        yy = torch.linalg.vecdot(Y[:, newest], my)
     gamma = torch.where(valid[:, newest] > 0, sy / yy.clamp_min(1e-30), torch.ones_like(sy))
     r = q.mul_(gamma[:, None])
     for i in reversed(order):
@@ -78,6 +94,7 @@ def minimize(
     max_halvings: int = 40,
     value: Callable[[Tensor], Tensor] | None = None,
     line: Line | None = None,
+    precondition: Preconditioner | None = None,
 ) -> MinimizeResult:
     """Minimise ``fun`` from ``x0`` for every problem (row) at once.
 
@@ -86,6 +103,11 @@ def minimize(
     L-BFGS direction with a backtracking (Armijo) line search started at step 1. ``value(x)`` (the
     objective without its gradient) or ``line(x, d)`` (the objective along a line, e.g. from cached
     products) make the line search cheaper; ``fun`` is called once, at ``x0``, when ``line`` is given.
+
+    ``precondition(q)`` returns ``M⁻¹q`` for a fixed positive-definite model ``M`` of each problem's
+    Hessian (e.g. an upper bound on it); the recursion then starts from ``M⁻¹`` instead of the identity,
+    and the first step is the preconditioned gradient step with step length 1. On ill-conditioned
+    problems this turns hundreds of iterations into tens.
     """
     if line is None:
         value_fn = value or (lambda z: fun(z)[0])
@@ -109,7 +131,7 @@ def minimize(
     for _ in range(max_iter):
         if not active.any():
             break
-        d = _two_loop(g, S, Y, rho, valid, newest)
+        d = _two_loop(g, S, Y, rho, valid, newest, precondition)
         gd = (g * d).sum(-1)
         bad = gd >= 0  # not a descent direction: restart from steepest descent
         if bad.any():
@@ -117,7 +139,10 @@ def minimize(
             valid = valid & ~bad[:, None]
             gd = (g * d).sum(-1)
         no_hist = ~valid.any(-1)
-        t = torch.where(no_hist, 1.0 / g.norm(dim=-1).clamp_min(1.0), torch.ones_like(gd))
+        if precondition is None:
+            t = torch.where(no_hist, 1.0 / g.norm(dim=-1).clamp_min(1.0), torch.ones_like(gd))
+        else:
+            t = torch.ones_like(gd)
         t = torch.where(active, t, torch.zeros_like(t))
         accepted = ~active
         phi, finish = line(x, d)

@@ -1,4 +1,4 @@
-"""Logistic-regression probes for every layer at once: one batched L-BFGS on scikit-learn's objective.
+"""Logistic-regression probes for every layer at once: one batched optimisation of scikit-learn's objective.
 
 Per layer the objective is that of ``sklearn.linear_model.LogisticRegression(C=C)`` (lbfgs, L2):
 
@@ -6,7 +6,9 @@ Per layer the objective is that of ``sklearn.linear_model.LogisticRegression(C=C
 
 with the binary (sigmoid, one weight vector) loss for two classes and the full multinomial (softmax, one
 weight vector per class) loss for more, as scikit-learn does. We minimise it divided by the number of
-training items (same minimiser, well-scaled gradients), in float64, from zero weights.
+training items (same minimiser, well-scaled gradients), in float64, from zero weights: by Newton's method
+for binary probes (:mod:`probes.newton`), else by L-BFGS started from the log-loss's curvature bound
+(:func:`curvature_preconditioner`), which takes tens of iterations where plain L-BFGS takes hundreds.
 
 Example:
     >>> import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probes.lbfgs import minimize
+from probes.lbfgs import Preconditioner, minimize
 
 NEWTON_MAX_N = 3000
 """``solver="auto"`` uses Newton for binary probes with at most this many training examples."""
@@ -130,6 +132,41 @@ class LogisticObjective:
         return phi, finish
 
 
+def curvature_preconditioner(
+    x: Float[Tensor, "layer batch d_model"], n_target: int, k: int, C: float
+) -> Preconditioner:
+    """``M⁻¹`` for the fixed curvature bound of the mean penalised log-loss, per layer, for L-BFGS.
+
+    The Hessian of the mean log-loss is at most ``c·XᵀX/n`` (``c`` = ¼ for the sigmoid, ½ for the
+    softmax; Böhning 1992), so ``M = c·XᵀX/n + λI`` on the weights (and ``c`` on the intercepts, exact
+    when the columns of ``X`` have mean zero, as standardised activations do) models the curvature of
+    every class at once. It removes the ill-conditioning that comes from the activations' covariance,
+    which is what makes plain L-BFGS take hundreds of iterations on residual streams; what remains
+    (how far each example's ``p(1 − p)`` is below its bound) is left to the L-BFGS updates. One
+    Cholesky factorisation per layer, shared by all label sets of the layer; each application is two
+    triangular solves in the dtype of ``x``.
+    """
+    n_layer, n, d = x.shape
+    c = 0.25 if k == 1 else 0.5
+    m = torch.bmm(x.transpose(1, 2), x).double().mul_(c / n)
+    m.diagonal(dim1=-2, dim2=-1).add_(1.0 / (C * n))
+    chol, info = torch.linalg.cholesky_ex(m.to(x.dtype))
+    if bool((info != 0).any()):  # float32 lost positive definiteness: factorise in float64
+        chol = torch.linalg.cholesky(m).to(x.dtype)
+    dk = d * k
+
+    def apply(q: Tensor) -> Tensor:
+        mq = q.shape[0]  # q [m, layer·target, d·k + k]
+        w = q[..., :dk].reshape(mq, n_layer, n_target, d, k).permute(1, 3, 0, 2, 4)
+        w = w.reshape(n_layer, d, mq * n_target * k).to(chol.dtype)
+        w = torch.linalg.solve_triangular(chol, w, upper=False)
+        w = torch.linalg.solve_triangular(chol.mT, w, upper=True)
+        w = w.view(n_layer, d, mq, n_target, k).permute(2, 0, 3, 1, 4).reshape(mq, -1, dk)
+        return torch.cat([w.to(q.dtype), q[..., dk:] / c], -1)
+
+    return apply
+
+
 def fit_logistic(
     x: Float[Tensor, "layer batch d_model"],
     y: Int[Tensor, "... batch"],
@@ -175,7 +212,8 @@ def fit_logistic(
         x = r.transpose(1, 2).to(x.dtype)
     obj = LogisticObjective(x, ys, k, C)
     theta0 = torch.zeros(obj.L * obj.T, x.shape[2] * k + k, dtype=torch.float64)
-    out = minimize(obj, theta0, max_iter=max_iter, tol=tol, line=obj.line)
+    pre = curvature_preconditioner(x, obj.T, k, C)
+    out = minimize(obj, theta0, max_iter=max_iter, tol=tol, line=obj.line, precondition=pre)
     w, b = obj.unpack(out.x)
     if basis is not None:
         w = torch.einsum("ldn,ltnk->ltdk", basis, w)

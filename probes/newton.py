@@ -64,13 +64,17 @@ def fit_logistic_newton(
         return LinearFit(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "bias", "converged", "n_iter"))
         )
-    x = x.double()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
     n_layer, n, _ = x.shape
     n_target = y.shape[1]
     lam = 1.0 / (C * n)
     yf = y.double()  # [layer, target, batch]
+    # the matrix products and factorisations run in the dtype of x (float32 halves their cost); the
+    # iterates, the objective and the stopping gradient stay float64, so a float32 Newton direction only
+    # makes the (checked, backtracked) steps slightly inexact, never the optimum less accurate
     gram = torch.bmm(x, x.transpose(1, 2))  # [layer, batch, batch]
-    gram_n = (gram / n)[:, None].expand(-1, n_target, -1, -1)  # indexed per problem below
+    gram_n = gram / n
     ones = torch.ones(n, dtype=torch.float64)
     alpha = torch.zeros(n_layer, n_target, n, dtype=torch.float64)
     b = torch.zeros(n_layer, n_target, dtype=torch.float64)
@@ -82,8 +86,8 @@ def fit_logistic_newton(
         p = torch.sigmoid(z)
         r = p - yf
         gvec = r / n + lam * alpha  # primal gradient: g_w = Xᵀ gvec, g_b = mean(r)
-        g_w = torch.bmm(gvec, x)  # [layer, target, d]
-        grad_max = torch.maximum(g_w.abs().amax(-1), r.mean(-1).abs())
+        g_w = torch.bmm(gvec.to(x.dtype), x)  # [layer, target, d]
+        grad_max = torch.maximum(g_w.abs().amax(-1).double(), r.mean(-1).abs())
         active = active & (grad_max > tol)
         if not active.any() or int(n_iter.max()) >= max_iter:
             break
@@ -91,11 +95,20 @@ def fit_logistic_newton(
         h = -gvec / dvec
         # P = K/n + λD⁻¹, factorised for the problems still moving only
         li, ti = active.nonzero(as_tuple=True)
-        P = gram_n[li, ti]
-        P.diagonal(dim1=-2, dim2=-1).add_(lam / dvec[li, ti])
+        diag = lam / dvec[li, ti]
+        P = gram_n[li]
+        P.diagonal(dim1=-2, dim2=-1).add_(diag.to(x.dtype))
         chol, info = torch.linalg.cholesky_ex(P)
-        rhs = torch.stack([h[li, ti], ones.expand(len(li), n)], -1)  # [problem, batch, 2]
-        sol = torch.cholesky_solve(rhs, chol)
+        if x.dtype != torch.float64 and bool((info != 0).any()):
+            bad = info != 0  # lost positive definiteness in float32: those problems in float64
+            P64 = gram_n[li[bad]].double()
+            P64.diagonal(dim1=-2, dim2=-1).add_(diag[bad])
+            c64, info64 = torch.linalg.cholesky_ex(P64)
+            chol = chol.double()
+            chol[bad], info = c64, info.masked_scatter(bad, info64)
+        rhs = torch.stack([h[li, ti], ones.expand(len(li), n)], -1).to(chol.dtype)  # [problem, batch, 2]
+        sol = torch.linalg.solve_triangular(chol, rhs, upper=False)
+        sol = torch.linalg.solve_triangular(chol.mT, sol, upper=True).double()
         u, v = sol[..., 0], sol[..., 1]
         db_a = n * (u.sum(-1) + alpha[li, ti].sum(-1)) / v.sum(-1)
         ok_a = info == 0
@@ -103,7 +116,7 @@ def fit_logistic_newton(
         da = torch.zeros_like(alpha).index_put_((li, ti), da_a)
         db = torch.zeros_like(b).index_put_((li, ti), torch.where(ok_a, db_a, torch.zeros_like(db_a)))
         ok = torch.zeros_like(active).index_put_((li, ti), ok_a)
-        dz = torch.bmm(da, gram) + db[..., None]  # K symmetric: (KΔα)ᵀ = Δαᵀ K
+        dz = torch.bmm(da.to(x.dtype), gram).double() + db[..., None]  # K symmetric: (KΔα)ᵀ = Δαᵀ K
         # Armijo backtracking along the Newton direction (the step is 1 near the optimum)
         f0 = _objective(z, yf, alpha, b, lam)
         slope = (gvec * (dz - db[..., None])).sum(-1) + r.mean(-1) * db
@@ -119,5 +132,5 @@ def fit_logistic_newton(
         n_iter = n_iter + ok.long()
         stuck = ok & (t < 1e-8)
         active = active & ~stuck & ok
-    w = torch.bmm(alpha, x)  # [layer, target, d]
+    w = torch.bmm(alpha, x.double())  # [layer, target, d]
     return LinearFit(weight=w[..., None], bias=b[..., None], converged=grad_max <= tol, n_iter=n_iter)
