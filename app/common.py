@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,9 @@ def _text(v: Any) -> str:
 
 
 def figure_widgets(result: Any, key: str) -> dict[str, Any]:
-    """Widgets for the options of ``result.figure()``: a select box per ``Literal`` option, a check box
-    per ``bool``, a number box per ``int`` (generic: any Result's figure options become controls)."""
+    """Widgets for the options of ``result.figure()``: a select box per ``Literal`` option or per text
+    option whose values the result names (:func:`text_choices`), a check box per ``bool``, a number box per
+    ``int`` (generic: any Result's figure options become controls)."""
     try:
         params = inspect.signature(result.figure).parameters
         hints = typing.get_type_hints(result.figure)
@@ -144,9 +146,11 @@ def figure_widgets(result: Any, key: str) -> dict[str, Any]:
             continue
         hint = hints.get(name)
         col = cols[i % len(cols)]
-        if typing.get_origin(hint) is typing.Literal:
-            options = list(typing.get_args(hint))
-            out[name] = col.selectbox(name, options, index=options.index(p.default), key=f"{key}:{name}")
+        choices = text_choices(result, name) if hint in (str, str | None) else None
+        if typing.get_origin(hint) is typing.Literal or choices:
+            options = choices or list(typing.get_args(hint))
+            index = options.index(p.default) if p.default in options else 0
+            out[name] = col.selectbox(name, options, index=index, key=f"{key}:{name}")
         elif hint is bool:
             out[name] = col.checkbox(name, value=p.default, key=f"{key}:{name}")
         elif hint is int and isinstance(p.default, int):
@@ -155,6 +159,27 @@ def figure_widgets(result: Any, key: str) -> dict[str, Any]:
             continue
         i += 1
     return out
+
+
+def text_choices(result: Any, name: str) -> list[str] | None:
+    """The values a text option of ``result.figure()`` can take, when the result says so: ``view`` from the
+    figure's docstring (the views it documents as ``name``: ...), ``metric`` from the metrics the result
+    holds, ``task`` from its tasks. None when unknown (no widget is made)."""
+    if name == "view":
+        views = list(dict.fromkeys(re.findall(r"``(\w+)``\s*:", inspect.getdoc(result.figure) or "")))
+        return views or None
+    if name == "metric":
+        values = getattr(result, "values", None)
+        if isinstance(values, dict) and values:
+            return [str(k) for k in values]
+        table = getattr(result, "table", None)
+        columns = [str(c) for c in getattr(table, "columns", [])]
+        metrics = [c.removeprefix("gap_") for c in columns if c.startswith("gap_")]
+        return metrics or None
+    if name == "task":
+        tasks = [str(t) for t in getattr(result, "tasks", ()) or ()]
+        return tasks or None
+    return None
 
 
 def show_figure(entry: catalog.Entry, kwargs: dict[str, Any] | None = None, key: str = "") -> bool:
@@ -200,22 +225,33 @@ def _safe_summary(result: Any) -> dict[str, Any]:
         return {"summary() failed": f"{type(exc).__name__}: {exc}"}
 
 
-def pair_check(entries: list[catalog.Entry]) -> None:
-    """Say so when the folder's results were computed on another pair than the loaded one."""
+def pair_check(entries: list[catalog.Entry], *, combines: bool = False) -> None:
+    """Say so when the folder's results were computed on another pair than the loaded one.
+
+    A warning when the page shows saved results: they stand on their own (a demo folder holds results of
+    several pairs, e.g. the knob on ``smollm2-knob``). An error when the page ``combines`` them with the
+    loaded pair's weights (the atlas), which would compare vectors of different models."""
     spec = st.session_state.get("pair_spec")
     if not spec or not entries:
         return
     pair = current_pair()
     if pair is None:
         return
-    problems = catalog.pair_mismatches(entries, pair.hashes())
-    if problems:
-        st.error(
-            f"This results folder holds results of another pair than the loaded one ({pair_label(spec)}):\n\n"
-            + "\n".join(f"- {p}" for p in problems[:5])
-            + ("\n- …" if len(problems) > 5 else "")
-            + "\n\nLoad the pair they were computed on (Pair page), or choose this pair's results folder."
-        )
+    try:
+        catalog.check_pair(entries, pair.hashes(), f"the loaded one ({pair_label(spec)})")
+    except TunelensError as exc:
+        (st.error if combines else st.warning)(str(exc))
+
+
+def own_pair(entry: catalog.Entry) -> str | None:
+    """The zoo pair ``entry`` was computed on, when it is not the loaded pair (else None)."""
+    from tunelens.models import zoo
+
+    name = (entry.pair or {}).get("name")
+    pair = current_pair()
+    if not name or name not in zoo.PAIRS or pair is None:
+        return None
+    return name if catalog.pair_mismatches([entry], pair.hashes()) else None
 
 
 def analysis_page(key: str, *, show: bool = True) -> list[catalog.Entry]:

@@ -1,11 +1,13 @@
-"""Checks and helpers of the live parts (typed prompts) shared by the Patching and Context-knob pages."""
+"""Checks of what a user types into the app (model references, prompts) and helpers of the live parts
+shared by the Pair, Patching and Context-knob pages. Each check raises a TunelensError naming what was
+expected and what arrived; the page shows its message and goes on."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from tunelens.errors import PromptError
+from tunelens.errors import ConfigError, PromptError
 
 MAX_LIVE_TOKENS = 256
 
@@ -13,15 +15,27 @@ MAX_LIVE_TOKENS = 256
 def encode_live(pair: Any, prompt: str, what: str = "prompt"):
     """Tokens of a typed prompt; empty or over-long (for a live answer, or for the model): PromptError."""
     if not prompt or not prompt.strip():
-        raise PromptError(f"the {what} is empty; type some text")
-    batch = pair.base.encode([prompt])
-    n = int(batch.input_ids.shape[1])
-    if n > MAX_LIVE_TOKENS:
+        raise PromptError(f"the {what} is empty (got {prompt!r}); expected some text to run the models on")
+    n = len(pair.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    limit = min(MAX_LIVE_TOKENS, int(pair.dims.n_ctx))
+    if n > limit:
         raise PromptError(
-            f"the {what} has {n} tokens; live analyses take at most {MAX_LIVE_TOKENS} tokens so they "
-            "answer in seconds. Shorten it, or run the analysis as a batch job."
+            f"the {what} has {n} tokens; live analyses take at most {limit} tokens (this model's context is "
+            f"{pair.dims.n_ctx}, and live answers must come in seconds): shorten it, or run a batch job"
         )
+    batch = pair.base.encode([prompt])
     return batch
+
+
+def pair_refs(base: str, tuned: str) -> tuple[str, str]:
+    """Both model references of the Pair page, stripped; a missing one is a ConfigError."""
+    base, tuned = (base or "").strip(), (tuned or "").strip()
+    if not (base and tuned):
+        raise ConfigError(
+            f"expected both a base and a tuned model reference (a zoo name, a model folder, a .gguf file or, "
+            f"for tuned, a peft adapter folder), got base {base!r} and tuned {tuned!r}"
+        )
+    return base, tuned
 
 
 def encode_with_counterfactual(pair: Any, prompt: str, counterfactual: str):

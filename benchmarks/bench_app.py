@@ -2,9 +2,12 @@
 the live parts on SmolLM2. Prints seconds and ratios against baselines measured in the same run.
 
     .venv/bin/python benchmarks/bench_app.py [RESULTS_DIR] [--pair smollm2-et] [--repeats 3]
+    .venv/bin/python benchmarks/bench_app.py RESULTS_DIR --only atlas [--atlas-before REV]
 
 Baselines: a bare Streamlit script (title only) under the same AppTest harness, for the pages; a plain greedy
-generation of the same length on the same model, for live steering. Target: ≤ 2 s per answer.
+generation of the same length on the same model, for live steering; for the layer atlas, tunelens/atlas.py as
+it was at git revision REV (default: before its per-matrix cache), run on the same pair, folder and layers,
+with its numbers checked against the current ones. Target: ≤ 2 s per answer.
 """
 
 from __future__ import annotations
@@ -85,6 +88,73 @@ def bench_steering(results: str, pair_name: str, repeats: int) -> None:
     )
 
 
+ATLAS_BEFORE = "7b32184"  # tunelens/atlas.py before the SVD cache, the top-k eigensolver and the frame cache
+
+
+def _module_at(rev: str, rel: str, name: str):
+    """``rel`` as it was at git revision ``rev``, imported as module ``name`` (read-only git use)."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _same_atlas(a, b) -> float:
+    """Largest difference of |cos|, σ and captured fraction between two atlases (cos signs are arbitrary)."""
+    keys = ["matrix", "model", "direction", "index"]
+    g = a.geometry.merge(b.geometry, on=keys, suffixes=("_a", "_b"), validate="one_to_one")
+    assert len(g) == len(a.geometry) == len(b.geometry), "the atlases compare different rows"
+    sp = a.spectra.merge(b.spectra, on=["matrix", "model", "index"], suffixes=("_a", "_b"))
+    assert len(sp) == len(a.spectra) == len(b.spectra), "the atlases hold different spectra"
+    diffs = [(g[f"{c}_a"] - g[f"{c}_b"]).abs().max() for c in ("abs_cos", "captured_topk")] if len(g) else []
+    rel = ((sp.sigma_a - sp.sigma_b).abs() / sp.sigma_b.abs().clip(lower=1e-12)).max()
+    assert set(a.findings) == set(b.findings), "the atlases found rows in different results"
+    return float(max([*diffs, rel]))
+
+
+def bench_atlas(results: str, pair_name: str, layers: list[int], before_rev: str) -> None:
+    """The layer atlas per layer (what the page computes when the slider moves), before vs now."""
+    from tunelens import atlas as after
+    from tunelens.models.loading import load_pair
+
+    before = _module_at(before_rev, "tunelens/atlas.py", "atlas_before")
+    pair = load_pair(pair_name)
+    pair.hashes()  # the content hashes are part of the model's first load
+    before.atlas_from_folder(pair, before.AtlasConfig(layer=0, k=8), results)  # warm imports and file cache
+    print(f"layer atlas on {pair_name}, {results}: tunelens/atlas.py at {before_rev} vs now (k = 8)")
+    print(f"{'layer':>5s} {'before s':>9s} {'now s':>7s} {'ratio':>6s}  max difference")
+    ratios = []
+    for layer in layers:
+        t = time.perf_counter()
+        old = before.atlas_from_folder(pair, before.AtlasConfig(layer=layer, k=8), results)
+        t_old = time.perf_counter() - t
+        t = time.perf_counter()
+        new = after.atlas_from_folder(pair, after.AtlasConfig(layer=layer, k=8), results)
+        t_new = time.perf_counter() - t
+        ratios.append(t_old / t_new)
+        print(f"{layer:5d} {t_old:9.2f} {t_new:7.2f} {t_old / t_new:6.2f}  {_same_atlas(old, new):.1e}")
+    sizes = f"{len(new.geometry)} cosines, {len(new.spectra)} singular values, {len(new.findings)} findings"
+    print(f"median speed-up on a layer visited first: x{statistics.median(ratios):.2f} ({sizes})")
+    for label, cfg in (("same layer again", (layers[0], 8)), ("k = 4 on a visited layer", (layers[0], 4))):
+        t = time.perf_counter()
+        old = before.atlas_from_folder(pair, before.AtlasConfig(layer=cfg[0], k=cfg[1]), results)
+        t_old = time.perf_counter() - t
+        t = time.perf_counter()
+        new = after.atlas_from_folder(pair, after.AtlasConfig(layer=cfg[0], k=cfg[1]), results)
+        t_new = time.perf_counter() - t
+        print(f"{label}: before {t_old:.2f} s, now {t_new:.2f} s (x{t_old / t_new:.1f}); "
+              f"max difference {_same_atlas(old, new):.1e}")  # fmt: skip
+
+
 def bench_attribution() -> None:
     try:
         from circuits import live_sweep  # noqa: F401
@@ -97,12 +167,22 @@ def main() -> None:
     p.add_argument("results", nargs="?", default=str(ROOT / "results" / "demo"))
     p.add_argument("--pair", default="smollm2-et")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", choices=["pages", "steering", "atlas", "attribution"], action="append")
+    p.add_argument("--atlas-before", default=ATLAS_BEFORE, help="git revision of the atlas baseline")
+    p.add_argument("--atlas-layers", default="3,10,17,24", help="layers to time, comma-separated")
     args = p.parse_args()
     if not Path(args.results).is_dir():
         sys.exit(f"{args.results} does not exist; run `tunelens demo` first (or give a results folder)")
-    bench_pages(args.results, args.pair, args.repeats)
-    bench_steering(args.results, args.pair, args.repeats)
-    bench_attribution()
+    only = set(args.only or ["pages", "steering", "atlas", "attribution"])
+    if "pages" in only:
+        bench_pages(args.results, args.pair, args.repeats)
+    if "steering" in only:
+        bench_steering(args.results, args.pair, args.repeats)
+    if "atlas" in only:
+        layers = [int(x) for x in args.atlas_layers.split(",")]
+        bench_atlas(args.results, args.pair, layers, args.atlas_before)
+    if "attribution" in only:
+        bench_attribution()
 
 
 if __name__ == "__main__":

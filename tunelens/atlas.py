@@ -41,9 +41,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,23 +165,85 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _n_computed(k: int, n: int) -> int:
+    """How many top eigenpairs are computed for a request of ``k`` (``k`` up to 16: 16; else the next power
+    of two), at most ``n``: the numbers of a given ``k`` never depend on what was asked before."""
+    return min(n, 16 if k <= 16 else 1 << (k - 1).bit_length())
+
+
+def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` eigenpairs of a symmetric PSD double matrix, largest first (LAPACK ``syevr`` on the
+    top-``k`` index range only: the full decomposition's back-transformation of every vector is skipped)."""
+    from scipy.linalg import eigh
+
+    n = gram.shape[0]
+    with one_thread():
+        evals, evecs = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+    return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(evecs[:, ::-1].copy())
+
+
 def top_singular(matrix: Tensor, k: int, *, side: Side) -> tuple[Tensor, Tensor]:
     """The top ``k`` unit singular vectors on ``side`` (columns, ``d × k``) and their singular values.
 
     ``write``: left singular vectors (the output space); ``read``: right singular vectors (the input space).
-    Vectors whose singular value is zero (below 1e-6 of the largest) are not defined and are left out.
+    Vectors whose singular value is zero (below 1e-6 of the largest) are not defined and are left out. Each
+    vector's sign is fixed so that its largest-magnitude entry is positive (a singular vector's sign is
+    arbitrary; this makes it reproducible). Computed for :func:`_n_computed` vectors and cut to ``k``, so
+    the answer for ``k`` is the same whether or not a decomposition was cached (:data:`SVD_CACHE`).
     """
+    vecs, sigma = _top_singular(matrix, _n_computed(k, min(matrix.shape)), side)
+    return vecs[:, :k], sigma[:k]
+
+
+def _top_singular(matrix: Tensor, k: int, side: Side) -> tuple[Tensor, Tensor]:
     m = matrix.double()
-    # The Gram matrix on the residual side (d_model × d_model) has the same top eigenvectors as the SVD and
-    # is much cheaper than a full SVD of a d_model × d_mlp matrix (the atlas page recomputes on each layer).
-    gram = m @ m.T if side == "write" else m.T @ m
-    with one_thread():
-        evals, evecs = torch.linalg.eigh(gram)
-    k = min(k, min(m.shape))
-    order = torch.argsort(evals, descending=True)[:k]
-    sigma = evals[order].clamp_min(0).sqrt()
+    # Eigenvectors of the smaller Gram matrix (d × d with d the smaller side) give the singular vectors of
+    # both sides: an SVD of a d_model × d_mlp matrix would do far more work than the few top vectors need.
+    want_rows = side == "write"
+    rows_smaller = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if rows_smaller else m.T @ m
+    evals, vecs = _top_eigh(gram, k)
+    sigma = evals.clamp_min(0).sqrt()
     keep = sigma > 1e-6 * sigma[0].clamp_min(1e-30)  # singular vectors of σ ≈ 0 are arbitrary: left out
-    return evecs[:, order][:, keep].float(), sigma[keep].float()
+    sigma, vecs = sigma[keep], vecs[:, keep]
+    if want_rows != rows_smaller:  # the other side: u = M v / σ (write) or v = Mᵀ u / σ (read)
+        vecs = (m @ vecs if want_rows else m.T @ vecs) / sigma
+        vecs = vecs / vecs.norm(dim=0, keepdim=True)
+    if vecs.numel():
+        flip = vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)).sign()
+        vecs = vecs * torch.where(flip == 0, 1.0, flip)
+    return vecs.float(), sigma.float()
+
+
+def cached_top_singular(matrix: Tensor, k: int, *, side: Side) -> tuple[Tensor, Tensor]:
+    """:func:`top_singular` through :data:`SVD_CACHE` (keyed by the matrix's content, the side and the
+    number of vectors computed for ``k``): another ``k`` up to 16 reuses the same decomposition."""
+    n = _n_computed(k, min(matrix.shape))
+    vecs, sigma = SVD_CACHE.get((_digest(matrix), side, n), lambda: _top_singular(matrix, n, side))
+    return vecs[:, :k], sigma[:k]
+
+
+class _SVDCache:
+    """Top singular vectors per (matrix content, side, number computed), kept across atlas calls: the page
+    recomputes the atlas when the user moves between layers, changes k or the results folder changes."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size, self.data = size, OrderedDict()
+
+    def get(self, key: tuple, compute) -> tuple[Tensor, Tensor]:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        value = self.data[key] = compute()
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.data.clear()
+
+
+SVD_CACHE = _SVDCache()
 
 
 def chance_cosine(d: int) -> float:
@@ -269,16 +334,40 @@ def _layer_of_cell(value: Any) -> int | None:
     return None
 
 
-def rows_at_layer(frame: Any, layer: int):
-    """The rows of a result's frame that belong to ``layer`` (None when the frame has no layer column)."""
+def _layer_column(frame: Any):
+    """The layer of each row of a result's frame (from a ``layer``, ``matrix``, ``site`` or ``name``
+    column), or None when the frame has no such column."""
     if frame is None or not hasattr(frame, "columns"):
         return None
     for col in ("layer", "matrix", "site", "name"):
         if col in frame.columns:
             layers = frame[col].map(_layer_of_cell)
             if layers.notna().any():
-                return frame[layers == layer].reset_index(drop=True)
+                return layers
     return None
+
+
+def rows_at_layer(frame: Any, layer: int, layers: Any = None):
+    """The rows of a result's frame that belong to ``layer`` (None when the frame has no layer column).
+    ``layers``: the frame's :func:`_layer_column`, when already known."""
+    layers = _layer_column(frame) if layers is None else layers
+    if layers is None:
+        return None
+    return frame[layers == layer].reset_index(drop=True)
+
+
+_FRAMES: dict[int, tuple[Any, Any]] = {}
+
+
+def _frame_layers(result: Any) -> tuple[Any, Any]:
+    """``result.to_frame()`` and its layer column, computed once per result object (the atlas of every
+    layer reads the same frames)."""
+    key = id(result)
+    if key not in _FRAMES:
+        frame = result.to_frame()
+        _FRAMES[key] = (frame, _layer_column(frame))
+        weakref.finalize(result, _FRAMES.pop, key, None)
+    return _FRAMES[key]
 
 
 # -- the result ----------------------------------------------------------------------------------------
@@ -454,14 +543,15 @@ def compute_atlas(
             if d.site.layer == cfg.layer or d.site.kind == "resid_pre"  # the next layer's only via resid_pre
         ]
         try:
-            rows = rows_at_layer(result.to_frame(), cfg.layer)
+            frame, layers = _frame_layers(result)
+            rows = rows_at_layer(frame, cfg.layer, layers)
         except (NotImplementedError, TunelensError, ValueError, KeyError) as exc:
             log.warning("atlas: %s.to_frame() failed: %s", name, exc)
             rows = None
         if rows is not None and len(rows):
             findings[name] = rows
     with one_thread():
-        geometry, spectra, skipped = _geometry(pair, cfg, dirs, {h: r for r, h in hashes.items()})
+        geometry, spectra, skipped = _geometry(pair, cfg, dirs, hashes)
     columns = ["matrix", "side", "model", "direction", "direction_site", "direction_model", "index", "sigma",
                "cos", "abs_cos", "captured_topk"]  # fmt: skip
     return AtlasResult(
@@ -476,8 +566,18 @@ def compute_atlas(
     )
 
 
-def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], role_of: dict[str, str]):
+def _digest(matrix: Tensor) -> str:
+    """The matrix's content (shape, dtype and bytes): the key of its cached decomposition, so weights
+    changed in place are never answered from the cache."""
+    t = matrix.detach().contiguous().cpu()
+    h = hashlib.blake2b(f"{tuple(t.shape)}{t.dtype}".encode(), digest_size=16)
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[str, str]):
     """Rows of cosines and singular values, and the directions no matrix of the layer meets."""
+    role_of = {h: r for r, h in hashes.items()}
     geometry, spectra, skipped, used = [], [], [], set()
     for comp in COMPARISONS:
         if comp.kind not in cfg.kinds:
@@ -487,7 +587,7 @@ def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], role_of: dict[
         mats["delta"] = mats["tuned"] - mats["base"]
         mname = str(MatrixName(cfg.layer, comp.kind))  # type: ignore[arg-type]
         for role, mat in mats.items():
-            vecs, sigma = top_singular(mat, cfg.k, side=comp.side)
+            vecs, sigma = cached_top_singular(mat, cfg.k, side=comp.side)
             for i, s in enumerate(sigma.tolist(), start=1):
                 spectra.append({"matrix": mname, "side": comp.side, "model": role, "index": i, "sigma": s})
             if sigma.numel() == 0 or float(sigma[0]) <= 1e-12:
@@ -531,11 +631,26 @@ def atlas_from_folder(pair: Any, cfg: AtlasConfig, results_dir: str | os.PathLik
             notes.append(f"{other[0]}; left out")
             continue
         try:
-            loaded.append((entry.name, load_result(entry.path)))
+            loaded.append((entry.name, _load_cached(entry.path, entry.mtime)))
         except StoreError as exc:
             notes.append(f"{entry.name} cannot be read ({exc}); left out")
     result = compute_atlas(pair, cfg, results=loaded)
     return dataclasses.replace(result, skipped=[*notes, *result.skipped])
+
+
+_LOADED: OrderedDict[tuple[str, float], Result] = OrderedDict()
+
+
+def _load_cached(path: Path, mtime: float, size: int = 64) -> Result:
+    """A saved result, loaded once per (folder, modification time of its result.json)."""
+    key = (str(path), mtime)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    result = _LOADED[key] = load_result(path)
+    while len(_LOADED) > size:
+        _LOADED.popitem(last=False)
+    return result
 
 
 def default_path(results_dir: str | os.PathLike[str], layer: int) -> Path:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelens.errors import StoreError
+from tunelens.errors import PairIncompatibleError, StoreError
 from tunelens.results import RESULT_FILE, find_results
 
 
@@ -144,7 +144,10 @@ def check_folder(root: str | os.PathLike[str]) -> Path:
             "`tunelens demo --out DIR` or a batch job"
         )
     if not path.is_dir():
-        raise StoreError(f"results folder {str(path)!r} is a file, not a folder")
+        raise StoreError(
+            f"results folder {str(path)!r} is a file; expected a folder written by `tunelens demo --out DIR` "
+            "or a batch job"
+        )
     return path
 
 
@@ -198,6 +201,19 @@ def pair_mismatches(entries: list[Entry], hashes: dict[str, str]) -> list[str]:
                 f"tuned {hashes.get('tuned')})"
             )
     return out
+
+
+def check_pair(entries: list[Entry], hashes: dict[str, str], label: str = "the loaded pair") -> None:
+    """:class:`PairIncompatibleError` when any of ``entries`` was computed on other weights than ``hashes``
+    (one line: how many, the first, what was expected and what to do)."""
+    problems = pair_mismatches(entries, hashes)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PairIncompatibleError(
+            f"the results folder holds results of another pair than {label}: {problems[0]}{more}; expected "
+            f"results computed on base {hashes.get('base')} and tuned {hashes.get('tuned')}: load the pair "
+            "they were computed on (Pair page) or choose this pair's results folder"
+        )
 
 
 def folder_summary(root: str | os.PathLike[str]) -> dict[str, Any]:

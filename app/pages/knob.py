@@ -44,6 +44,16 @@ entry = next(
     for e in entries
     if e.name == (st.selectbox("Knob result", names, key="steer_result") if len(names) > 1 else names[0])
 )
+own = common.own_pair(entry)
+if own is not None:
+    st.info(
+        f"{entry.name} was found on pair **{own}**, not on the loaded pair: its direction and its range of c "
+        "belong to that pair's models. Load it to steer with this knob."
+    )
+    if st.button(f"Load {own} for steering", key="steer_load_own"):
+        st.session_state["pair_spec"] = (own, "")
+        st.rerun()
+    st.stop()
 directions = {d.name: d for d in directions_in(common.load(entry))}
 if not directions:
     st.info(f"{entry.name} holds no direction to steer with.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import common
+from app import common, live
 from tunelens.errors import TunelensError
 from tunelens.models import zoo
 
@@ -45,15 +45,14 @@ else:
     want = (base_ref.strip(), tuned_ref.strip())
 
 if st.button("Load pair", type="primary", key="load_pair"):
-    if source != "Zoo pair" and not (want[0] and want[1]):
-        st.error("Give both a base and a tuned model reference (a folder, a .gguf file or a zoo name).")
+    try:
+        if source != "Zoo pair":
+            want = live.pair_refs(*want)
+        common.load_pair(want[0], want[1])
+    except TunelensError as exc:
+        st.error(f"Cannot load {common.pair_label(want) or 'the pair'!r}: {exc}")
     else:
-        try:
-            common.load_pair(want[0], want[1])
-        except TunelensError as exc:
-            st.error(f"Cannot load {common.pair_label(want)!r}: {exc}")
-        else:
-            st.session_state["pair_spec"] = want
+        st.session_state["pair_spec"] = want
 
 pair = common.current_pair()
 if pair is None:

@@ -7,18 +7,31 @@ computed with the analyses' public functions on that pair; each analysis adds it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import make_tiny
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
+from tunelens.models.tiny import TinyConfig
 from tunelens.results import pair_provenance
 
 ET_PROMPT = "The apple is in Box F . The cup is in Box Q . Box Q contains the"
+TOY_STEPS = 400
+TOY_CONFIG = TinyConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2)  # knob_toy.train_toy's model
+
+
+@contextlib.contextmanager
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def save_pair(pair: ModelPair, root: Path) -> tuple[str, str]:
@@ -42,11 +55,17 @@ def _tuned_copy(base: LoadedModel, seed: int, name: str) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def app_pair_dirs(tiny_tok, tmp_path_factory) -> tuple[str, str]:
-    """Folders of a tiny (base, tuned) pair: 4 layers, so the atlas and the sweeps have some depth."""
-    from tunelens.models.tiny import TinyConfig
+    """Folders of a tiny (base, tuned) pair with a skill to find: the tuned model is the base (an untrained
+    3-layer tiny Llama) trained for seconds on the toy context-vs-prior task of
+    tests/unit/circuits/knob_toy.py, so the knob, the graft and CMAP have a real fine-tune to work on."""
+    from tests.unit.circuits.knob_toy import train_toy
+    from tunelens.models.tiny import tiny_llama
 
-    base = make_tiny(tiny_tok, cfg=TinyConfig(n_layers=3), name="app-base")
-    return save_pair(ModelPair(base, _tuned_copy(base, 1, "app-tuned")), tmp_path_factory.mktemp("app-pair"))
+    with _one_thread():  # the toy's training depends on float summation order
+        tuned = train_toy(tiny_tok, steps=TOY_STEPS, seed=0)
+    base_module = tiny_llama(TOY_CONFIG, len(tiny_tok.get_vocab()), seed=0)  # train_toy's initial weights
+    base = LoadedModel(base_module, tiny_tok, source=ModelSource(kind="memory", location="app-base"))
+    return save_pair(ModelPair(base, tuned), tmp_path_factory.mktemp("app-pair"))
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +147,75 @@ def _spectral(pair: ModelPair, root: Path) -> None:
     spectra(pair.base, {"tuned": pair.tuned}).save(root / "spectra")
 
 
-BUILDERS = {"probes": _probes, "patching": _patching, "spectral": _spectral, "atlas": _atlas}
+def _toy_items(tok, n: int, seed: int):
+    from tests.unit.circuits.knob_toy import toy_items
+
+    return toy_items(n, seed, tok)
+
+
+def _knob(pair: ModelPair, root: Path) -> None:
+    """The context knob on the toy task (held-out toy items, a short DAS, two set-points)."""
+    from circuits.knob import KnobConfig, run_knob
+    from circuits.knob_das import DASConfig
+
+    items = _toy_items(pair.tokenizer, 40, 11).split({"knob": 0.5, "test": 0.5}, seed=0)
+    cfg = KnobConfig(
+        das=DASConfig(epochs=4, lr=0.05), dose_ts=(-1.0, 2.0), transfer_step=2, n_generate=1, max_new_tokens=2
+    )
+    with _one_thread():
+        run_knob(pair, cfg, items=items).save(root / "knob")
+
+
+def _graft(pair: ModelPair, root: Path) -> None:
+    """Grafts of the toy fine-tune for its two intents (two tasks: overlap and cross views exist)."""
+    from spectral.graft import GraftConfig, graft
+    from tunelens.tasks.base import Dataset, Example
+
+    items = _toy_items(pair.tokenizer, 48, 21)
+
+    def task(fmt: str, col: int):
+        examples = tuple(
+            Example(prompt=p, answer=" " + a[col], candidates=(" " + a[0], " " + a[1]), item_id=i)
+            for p, a, i in zip(items.prompts(fmt), items.answers, items.item_ids, strict=True)
+        )
+        return Dataset(task=f"toy-{fmt}", config={}, examples=examples).split(
+            {"train": 0.6, "test": 0.4}, seed=0
+        )
+
+    cfg = GraftConfig(sparsities=(0.01, 0.1), steps=2, max_fit=16, max_dev=8, step_size=20.0)
+    tasks = {"context": task("context", 1), "prior": task("prior", 0)}
+    graft(pair, tasks, cfg).save(root / "skills" / "graft")
+
+
+def _circuits(pair: ModelPair, root: Path) -> None:
+    """The demo's circuits study (residual patching, CMAP sweeps and groups, attribution) at toy size, then
+    the circuit's faithfulness in both models from the saved CMAP sweeps, as the demo does."""
+    from circuits.circuit_study import cmap_heads
+    from circuits.faithfulness import faithfulness
+    from circuits.study import StudySettings, run_study
+    from tunelens.tasks import entity_tracking as et
+
+    run_study(pair, StudySettings(n_contexts=2, resid_contexts=1, top_k=2, n_random=2), root / "circuits")
+    data = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=2), 0).encode(pair.tokenizer)
+    reference = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=2), 100).encode(pair.tokenizer)
+    groups, checked = cmap_heads(pair, data, top_k=2, saved=root / "circuits")
+    prov = pair_provenance(pair)
+    for role in ("tuned", "base"):
+        faithfulness(
+            pair[role], data, groups, reference=reference, n_random=2, n_candidates_checked=checked,
+            provenance={**prov, "role": role},
+        ).save(root / "circuit" / f"faithfulness_{role}_all")  # fmt: skip
+
+
+BUILDERS = {
+    "probes": _probes,
+    "patching": _patching,
+    "spectral": _spectral,
+    "atlas": _atlas,
+    "knob": _knob,
+    "skills": _graft,
+    "circuits": _circuits,
+}
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,12 @@ def charts(at) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
+def _xtitle(fig: dict) -> str:
+    """The first x-axis title of a plotly figure (subplots: xaxis, xaxis2 …; px facets title one of them)."""
+    axes = [v for k, v in sorted(fig["layout"].items()) if k.startswith("xaxis")]
+    return next((a["title"]["text"] for a in axes if a.get("title", {}).get("text")), "")
+
+
 def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
@@ -41,13 +47,10 @@ def test_every_page_renders_on_the_tiny_results(monkeypatch, app_results, app_pa
     at = open_app(monkeypatch, app_results, app_pair_dirs, page)
     assert not at.error, texts(at.error)
     assert at.title, "every page has a title"
-    if page in ("probes", "patching", "intruders", "atlas"):
+    if page not in ("pair", "jobs"):
         figs = charts(at)
         assert figs and all(f["data"] for f in figs)
-        assert all(f["layout"].get("xaxis", {}).get("title", {}).get("text") for f in figs)
-    elif page in ("circuit", "knob", "skills"):
-        # no results of this kind in the folder yet: the page says so and how to produce them
-        assert "tunelens demo" in texts(at.info)
+        assert all(_xtitle(f) for f in figs), "every plot has an x-axis title"
     if page == "jobs":
         assert any("atlas" in str(df.value) for df in at.dataframe)
 
@@ -55,7 +58,8 @@ def test_every_page_renders_on_the_tiny_results(monkeypatch, app_results, app_pa
 def test_patching_widgets_change_the_figure(monkeypatch, app_results, app_pair_dirs):
     at = open_app(monkeypatch, app_results, app_pair_dirs, "patching")
     pick = at.selectbox(key="pick:patching")
-    assert set(pick.options) == {"patching/resid_pre_layer_pos", "patching/z_layer_head"}
+    mine = {"patching/resid_pre_layer_pos", "patching/z_layer_head", "circuits/cmap_groups"}
+    assert mine <= set(pick.options)
     pick.set_value("patching/resid_pre_layer_pos").run()
     first = charts(at)[0]
     assert first["layout"]["yaxis"]["title"]["text"] == "pos"
@@ -77,6 +81,87 @@ def test_atlas_widgets_change_the_figure(monkeypatch, app_results, app_pair_dirs
     assert not at.error, texts(at.error)
     # the findings of the folder's other results at this layer are listed
     assert any("patching/" in str(m.value) for m in at.markdown)
+
+
+def test_knob_views_and_live_steering(monkeypatch, app_results, app_pair_dirs, app_pair, tiny_tok):
+    from tests.unit.circuits.knob_toy import toy_items
+    from tunelens.results import load_result
+
+    at = open_app(monkeypatch, app_results, app_pair_dirs, "knob")
+    view = at.selectbox(key="w:knob:view")
+    assert view.options == ["layers", "lens", "dose", "transfer"]
+    titles = {}
+    for v in view.options:
+        view.set_value(v).run()
+        assert not at.exception and not at.error, texts(at.error)
+        titles[v] = charts(at)[0]["layout"]["title"]["text"]
+    assert len(set(titles.values())) == 4 and "Dose-response" in titles["dose"]
+    # live steering: a toy prompt steered to the knob's two set-points (t = -1 and 2 between the projections'
+    # means of prior- and context-intent prompts) shows what circuits.steering.steer answers, and they differ
+    from circuits.steering import steer
+
+    knob = load_result(app_results / "knob")
+    pair = app_pair
+    prompt = toy_items(8, 3, tiny_tok).prompts("none")[0]
+    at.text_input(key="steer_prompt").set_value(prompt).run()
+    cal = knob.calibration.query("model == 'tuned' and direction == 'tuned DAS'").iloc[0]
+    ends = [cal.mean_prior + t * (cal.mean_context - cal.mean_prior) for t in (-1.0, 2.0)]
+    slider = at.slider(key="steer_c")
+    shown = []
+    for c in ends:
+        assert slider.min <= c <= slider.max
+        slider.set_value(c).run()
+        assert not at.exception and not at.error, texts(at.error)
+        table = at.table[-1].value
+        assert list(table["model"]) == ["base", "tuned"]
+        shown.append(table.iloc[1, 2])
+        assert shown[-1] == steer(pair.tuned, knob.direction, prompt, round(c, 4), 6)
+        assert table.iloc[1, 1] == pair.tuned.generate(prompt, max_new_tokens=6)
+    assert shown[0] != shown[1]
+
+
+def test_skills_views_and_tasks_change_the_figure(monkeypatch, app_results, app_pair_dirs):
+    at = open_app(monkeypatch, app_results, app_pair_dirs, "skills")
+    view, task = at.selectbox(key="w:skills/graft:view"), at.selectbox(key="w:skills/graft:task")
+    assert view.options == ["curve", "ece", "layers", "overlap"] and task.options == ["context", "prior"]
+    curve = charts(at)[0]
+    assert {t["name"] for t in curve["data"]} == {"graft", "top_abs", "random"}
+    task.set_value("prior").run()
+    prior = charts(at)[0]
+    assert "prior" in prior["layout"]["title"]["text"] and prior["data"] != curve["data"]
+    for v in ("ece", "layers", "overlap"):
+        at.selectbox(key="w:skills/graft:view").set_value(v).run()
+        assert not at.exception and not at.error, texts(at.error)
+        assert charts(at)[0]["data"]
+    assert "Overlap" in charts(at)[0]["layout"]["title"]["text"]
+
+
+def test_circuit_page_shows_both_models(monkeypatch, app_results, app_pair_dirs):
+    at = open_app(monkeypatch, app_results, app_pair_dirs, "circuit")
+    pick = at.selectbox(key="pick:circuit")
+    assert set(pick.options) == {"circuit/faithfulness_base_all", "circuit/faithfulness_tuned_all"}
+    seen = {}
+    for name in pick.options:
+        pick.set_value(name).run()
+        assert not at.exception and not at.error, texts(at.error)
+        seen[name] = charts(at)[0]
+    for role in ("base", "tuned"):  # the model loaded from the folder <role>/ is named after it
+        assert f"in {role}:" in seen[f"circuit/faithfulness_{role}_all"]["layout"]["title"]["text"]
+    both = at.dataframe[-1].value  # the results' headline numbers side by side
+    assert set(both["result"]) == set(pick.options) and set(both["model"]) == {"base", "tuned"}
+
+
+def test_cmap_groups_metric_changes_the_figure(monkeypatch, app_results, app_pair_dirs):
+    at = open_app(monkeypatch, app_results, app_pair_dirs, "patching")
+    at.selectbox(key="pick:patching").set_value("circuits/cmap_groups").run()
+    metric = at.selectbox(key="w:circuits/cmap_groups:metric")
+    assert set(metric.options) == {"accuracy", "logit_diff", "prob"}
+    metric.set_value("accuracy").run()
+    acc = charts(at)[0]
+    metric.set_value("logit_diff").run()
+    ld = charts(at)[0]
+    assert "logit_diff gap" in ld["layout"]["title"]["text"] and acc["data"][0]["y"] != ld["data"][0]["y"]
+    assert not at.error, texts(at.error)
 
 
 def test_pair_page_describes_the_pair_and_generates(monkeypatch, app_results, app_pair_dirs, app_pair):
@@ -131,3 +216,43 @@ def test_a_folder_that_is_not_a_model_is_explained(monkeypatch, app_results, tmp
     at.button(key="load_pair").click().run()
     assert "not a model folder" in texts(at.error) and not at.exception
     assert "No pair loaded" in texts(at.info)
+
+
+def test_more_bad_inputs_are_explained_and_the_app_goes_on(monkeypatch, app_results, app_pair_dirs, tmp_path):
+    """The catalogue's app rows (tests/unit/test_bad_inputs.py, section 19) as a user meets them."""
+    (tmp_path / "results.txt").write_text("not a folder")
+    at = open_app(monkeypatch, tmp_path / "results.txt", page="patching")
+    assert "is a file; expected a folder" in texts(at.error) and not at.exception
+    # a missing model reference on the Pair page
+    at = open_app(monkeypatch, app_results)
+    at.radio(key="pair_source").set_value("Model folders or adapter").run()
+    at.text_input(key="base_ref").set_value(app_pair_dirs[0]).run()
+    at.button(key="load_pair").click().run()
+    assert "expected both a base and a tuned model reference" in texts(at.error) and not at.exception
+    # an empty prompt for live steering: said in words, the saved knob result is still shown
+    at = open_app(monkeypatch, app_results, app_pair_dirs, "knob")
+    at.text_input(key="steer_prompt").set_value("").run()
+    assert "the prompt is empty" in texts(at.error) and not at.exception
+    assert charts(at) and at.selectbox(key="w:knob:view")
+
+
+def test_a_knob_from_another_zoo_pair_offers_to_load_that_pair(
+    monkeypatch, app_results, app_pair_dirs, tmp_path
+):
+    """A demo folder holds the knob of ``smollm2-knob`` next to results of ``smollm2-et``: with another pair
+    loaded the page shows the saved knob, warns, and steers only after loading the knob's own pair."""
+    import json
+    import shutil
+
+    root = tmp_path / "results"
+    shutil.copytree(app_results / "knob", root / "knob")
+    meta = json.loads((root / "knob" / "result.json").read_text())
+    meta["fields"]["pair"] = {"name": "tiny", "base": "0" * 16, "tuned": "1" * 16}
+    (root / "knob" / "result.json").write_text(json.dumps(meta))
+    at = open_app(monkeypatch, root, app_pair_dirs, "knob")
+    assert not at.error, texts(at.error)
+    assert "another pair" in texts(at.warning)
+    assert charts(at), "the saved knob result is still drawn"
+    assert "was found on pair **tiny**" in texts(at.info)
+    assert at.button(key="steer_load_own").label == "Load tiny for steering"
+    assert not [t for t in at.text_input if t.key == "steer_prompt"], "no steering with a foreign direction"

@@ -185,3 +185,57 @@ def test_bad_config_says_what_is_wrong(planted):
         AtlasConfig(layer=0, k=0)
     with pytest.raises(ConfigError, match="kinds"):
         AtlasConfig(layer=0, kinds=("lm_head",))
+
+
+# -- doing less work gives the same numbers ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shape", "side"),
+    [((12, 30), "write"), ((30, 12), "write"), ((30, 12), "read"), ((12, 30), "read"), ((20, 20), "read")],
+)
+def test_top_singular_is_the_svd_whichever_gram_it_uses(shape, side):
+    """Top-k of the smaller Gram matrix, mapped to the asked side when needed, against numpy's full SVD;
+    signs fixed (largest entry positive); a rank-deficient matrix keeps only its defined vectors."""
+    from tunelens.atlas import top_singular
+
+    rng = np.random.default_rng(sum(shape) + len(side))
+    w = rng.normal(size=shape)
+    u, s, vh = np.linalg.svd(w)
+    for k in (1, 5, 12):
+        vecs, sigma = top_singular(torch.tensor(w, dtype=torch.float32), k, side=side)
+        ref = (u if side == "write" else vh.T)[:, : min(k, min(shape))]
+        np.testing.assert_allclose(sigma.numpy(), s[: ref.shape[1]], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.abs(ref.T @ vecs.numpy().astype(np.float64)), np.eye(ref.shape[1]), atol=1e-4
+        )
+        big = vecs.abs().argmax(dim=0)
+        assert (vecs[big, torch.arange(vecs.shape[1])] > 0).all()
+    low = rng.normal(size=(shape[0], 2)) @ rng.normal(size=(2, shape[1]))  # rank 2
+    vecs, sigma = top_singular(torch.tensor(low, dtype=torch.float32), 6, side=side)
+    assert sigma.numel() == 2 and vecs.shape[1] == 2
+
+
+def test_cached_decompositions_give_identical_atlases(planted):
+    """The atlas from a cold cache, from a warm one, after another k, and after the weights changed in place
+    (the cache is keyed by the matrices' contents, so it never answers for other weights)."""
+    from tunelens.atlas import SVD_CACHE
+
+    pair, d = planted
+    probe = Direction(site=Site("resid_mid", LAYER), vector=torch.tensor(d), name="probe")
+    cfg = AtlasConfig(layer=LAYER, k=4)
+    SVD_CACHE.clear()
+    cold = compute_atlas(pair, cfg, directions=[probe])
+    assert 0 < len(SVD_CACHE.data) <= 3 * 7  # equal matrices (the zero deltas of the same shape) share one
+    compute_atlas(pair, AtlasConfig(layer=LAYER, k=8), directions=[probe])
+    warm = compute_atlas(pair, cfg, directions=[probe])
+    pd.testing.assert_frame_equal(warm.geometry, cold.geometry, check_exact=True)
+    pd.testing.assert_frame_equal(warm.spectra, cold.spectra, check_exact=True)
+    o_proj = pair.tuned.module.model.layers[LAYER].self_attn.o_proj
+    with torch.no_grad():
+        o_proj.weight.mul_(2.0)
+    try:
+        doubled = compute_atlas(pair, cfg, directions=[probe]).spectra
+    finally:
+        with torch.no_grad():
+            o_proj.weight.div_(2.0)
+    rows = (doubled.matrix == "L1.o") & (doubled.model == "tuned")
+    np.testing.assert_allclose(doubled[rows].sigma, 2 * cold.spectra[rows].sigma, rtol=1e-5)

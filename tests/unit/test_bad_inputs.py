@@ -310,6 +310,29 @@ def _live(ctx: Ctx, prompt: str, counterfactual: str):
     return live_sweep(ctx.model, prompt, counterfactual, top_k=2)
 
 
+def _app_results_of_other_pair(ctx: Ctx):
+    """A results folder of the tiny pair, checked against the LoRA pair the app has loaded."""
+    from tunelens import catalog
+    from tunelens.atlas import AtlasConfig, compute_atlas
+
+    compute_atlas(ctx.pair, AtlasConfig(layer=0, k=2)).save(ctx.tmp / "results" / "atlas")
+    return catalog.check_pair(catalog.scan(ctx.tmp / "results"), ctx.lora_pair.hashes(), "the loaded one")
+
+
+def _app_not_a_model(ctx: Ctx):
+    from tunelens.models.loading import load_pair
+
+    folder = _folder(ctx, "notes", {"notes.txt": b"not a model"})
+    return load_pair(str(folder), str(folder))
+
+
+def _app(name: str):
+    """A function of the app's input checks (app/live.py: no Streamlit needed to call it)."""
+    import app.live
+
+    return getattr(app.live, name)
+
+
 def _intruders(**kw):
     from spectral.intruders import IntruderConfig
 
@@ -695,6 +718,56 @@ CASES = [
         lambda ctx: __import__("tunelens.results").results.load_result(ctx.tmp / "none"),
         StoreError,
         r"is not a tunelens result folder \(no result\.json\)",
+    ),
+    # 19. the app (what the pages check before running anything; the page shows the message and goes on)
+    Case(
+        "app-results-folder-missing",
+        lambda ctx: __import__("tunelens.catalog").catalog.scan(ctx.tmp / "nowhere"),
+        StoreError,
+        r"results folder '.*nowhere' does not exist; expected a folder written by `tunelens demo",
+    ),
+    Case(
+        "app-results-folder-is-a-file",
+        lambda ctx: __import__("tunelens.catalog").catalog.scan(_folder(ctx, "r", {"x.txt": b"x"}) / "x.txt"),
+        StoreError,
+        r"results folder '.*x\.txt' is a file; expected a folder",
+    ),
+    Case(
+        "app-results-of-another-pair",
+        _app_results_of_other_pair,
+        PairIncompatibleError,
+        r"results of another pair than the loaded one: atlas was computed on pair .* not on the loaded pair "
+        r".*; expected results computed on base [0-9a-f]+ and tuned [0-9a-f]+",
+    ),
+    Case(
+        "app-prompt-empty",
+        lambda ctx: _app("encode_live")(ctx.pair, "   "),
+        PromptError,
+        r"the prompt is empty \(got '   '\); expected some text",
+    ),
+    Case(
+        "app-prompt-too-long",
+        lambda ctx: _app("encode_live")(ctx.pair, "Box " * 300),
+        PromptError,
+        r"the prompt has 300 tokens; live analyses take at most 128 tokens \(this model's context is 128",
+    ),
+    Case(
+        "app-counterfactual-other-length",
+        lambda ctx: _app("encode_with_counterfactual")(ctx.pair, PROMPT, "Box F contains the"),
+        PromptError,
+        r"the counterfactual has \d+ tokens but the prompt has \d+; .* need the same token length",
+    ),
+    Case(
+        "app-pair-reference-missing",
+        lambda ctx: _app("pair_refs")("smollm2", "  "),
+        ConfigError,
+        r"expected both a base and a tuned model reference .* got base 'smollm2' and tuned ''",
+    ),
+    Case(
+        "app-pair-folder-not-a-model",
+        _app_not_a_model,
+        ModelLoadError,
+        r"'.*notes' is not a model folder: expected a config\.json .*found \['notes\.txt'\]",
     ),
 ]
 
