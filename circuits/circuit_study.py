@@ -7,6 +7,11 @@ those patched exactly. Each model then runs with everything outside the circuit 
 (:mod:`circuits.faithfulness`), against random circuits of the same shape: with the paper's scope (every
 head at every position outside the circuit ablated) and with the weaker one (only at the circuit's two
 positions).
+
+Then the paper's own procedure (:func:`path_circuit`, algorithms.md §1.3–1.4) in the tuned model: the four
+head groups (value fetchers, position transmitters, position detectors, structure readers) by iterated
+path patching from attribution-preselected candidates (:mod:`circuits.groups`), minimality pruning
+(:mod:`circuits.minimality`), and the minimal circuit's faithfulness in both models.
 """
 
 from __future__ import annotations
@@ -22,15 +27,95 @@ import torch
 from circuits.attribution import at_position, attribute
 from circuits.cmap import trace_pair
 from circuits.faithfulness import faithfulness
-from circuits.metrics import Answers, logit_diff
-from circuits.patching import Patch, run_cells, trace
+from circuits.groups import GroupSearchConfig, find_groups
+from circuits.metrics import logit_diff
+from circuits.minimality import prune
+from circuits.patching import Patch, run_cells
 from circuits.patching_result import PatchingResult
-from circuits.path_patching import path_patching
 from tunelens.results import pair_provenance
 from tunelens.tasks import entity_tracking as et
 
 log = logging.getLogger(__name__)
 POSITIONS = ("last", "query_label")
+# SmolLM2 has 270 heads (the paper's Llama-7B 1024): top-k about the paper's Llama values scaled by 0.3-0.4,
+# candidate pools of 3-4× top-k checked exactly (the paper checks every head).
+DEMO_SEARCH = GroupSearchConfig(top_k=(6, 3, 4, 2), n_candidates=(12, 6, 8, 4))
+
+
+def path_circuit(
+    pair: Any,
+    out: Path,
+    progress: Callable[[str], None] = log.info,
+    *,
+    n_contexts: int = 4,
+    n_eval: int = 4,
+    n_reference: int = 8,
+    search: GroupSearchConfig = DEMO_SEARCH,
+    n_random: int = 5,
+    seed: int = 0,
+    role: str = "tuned",
+) -> dict[str, Any]:
+    """The paper's procedure in ``pair[role]``: the four head groups by iterated path patching (clean
+    prompts against the paper's corrupt ones, ``counterfactuals(…, "context")``), minimality pruning, and
+    the faithfulness of the minimal circuit in both models (means over prompts with random query letters).
+
+    Writes ``groups``, ``path_patching_<group>``, ``minimality`` and ``faithfulness_path_circuit_<role>_
+    <scope>`` under ``out``; returns their headline numbers."""
+    tok = pair.tokenizer
+    cfg = et.EntityTrackingConfig(n_boxes=3, n_contexts=n_contexts)
+    ds = et.generate(cfg, seed + 200)
+    clean, corrupt = ds.encode(tok), et.counterfactuals(ds, "context", seed=seed + 201).encode(tok)
+    evaluation = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=n_eval), seed + 300).encode(tok)
+    ref_ds = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=n_reference), seed + 400)
+    reference = et.counterfactuals(ref_ds, "context", seed=seed + 401).encode(tok)
+    prov = pair_provenance(pair)
+    summary: dict[str, Any] = {
+        "settings": {
+            "model": role,
+            "n_prompts_path_patching": len(clean),
+            "n_prompts_eval": len(evaluation),
+            "n_prompts_reference": len(reference),
+            "top_k": list(search.top_k),
+            "n_candidates": list(search.n_candidates),
+            "rank": search.rank,
+        }
+    }
+    t = time.time()
+    progress(f"circuits: the four head groups by path patching in the {role} model")
+    groups, runs = find_groups(pair[role], clean, corrupt, search, provenance={**prov, "role": role})
+    groups.save(out / "groups")
+    for name, res in runs.items():
+        res.save(out / f"path_patching_{name}")
+    summary["groups"] = groups.summary()
+    summary["seconds_groups"] = round(time.time() - t, 1)
+    heads = {g: hs for g, hs in groups.heads_at().items() if hs}
+    if not heads:
+        summary["note"] = "no head group found"
+        return summary
+    t = time.time()
+    progress(f"circuits: minimality pruning of {sum(map(len, heads.values()))} heads in the {role} model")
+    minimal = prune(pair[role], evaluation, heads, reference=reference, provenance={**prov, "role": role})
+    minimal.save(out / "minimality")
+    summary["minimality"] = minimal.summary()
+    summary["seconds_pruning"] = round(time.time() - t, 1)
+    kept = {g: [tuple(h) for h in hs] for g, hs in minimal.minimal.items() if hs}
+    if not kept:
+        summary["note"] = "pruning kept no head"
+        return summary
+    checked = sum(groups.n_checked().values())
+    for who, scope in ((role, "all"), (role, "positions"), (_other(role), "all")):
+        progress(f"circuits: faithfulness of the minimal circuit in the {who} model ({scope})")
+        res = faithfulness(
+            pair[who], evaluation, kept, reference=reference, n_random=n_random, seed=seed,
+            n_candidates_checked=checked, scope=scope, provenance={**prov, "role": who},
+        )  # fmt: skip
+        res.save(out / f"faithfulness_path_circuit_{who}_{scope}")
+        summary[f"faithfulness_{who}_{scope}"] = res.summary()
+    return summary
+
+
+def _other(role: str) -> str:
+    return "base" if role == "tuned" else "tuned"
 
 
 def cmap_heads(
@@ -65,43 +150,6 @@ def cmap_heads(
     return groups, checked
 
 
-def path_study(
-    model: Any, clean, corrupt, *, n_candidates: int = 20, top_vf: int = 6, top_pt: int = 4
-) -> tuple[dict[str, list[tuple[int, int, str]]], dict[str, Any], int]:
-    """The paper's first two path-patching steps in one model (clean -> corrupt, positions ``last``):
-    value fetchers = heads with the largest direct effect on the logits; position transmitters = heads
-    whose output reaches the value fetchers' queries. Candidates of each step are preselected by attribution
-    (``n_candidates`` of all heads); returns the groups, the two results and the number of heads checked."""
-    answers = Answers.from_encoded(clean, foil=corrupt)
-    source = trace(model, clean.tokens, record=["z"])
-    target = trace(model, corrupt.tokens, record=["z"])
-    last = clean.positions["last"]
-    est = at_position(attribute(target, source, answers, "z"), last)  # layer head
-    n_heads = model.dims.n_heads
-    ranked = [(i // n_heads, i % n_heads) for i in est.abs().reshape(-1).argsort(descending=True).tolist()]
-    vf_cand = ranked[:n_candidates]
-    vf = path_patching(target, source, answers, senders=vf_cand, via="logits", sender_pos=last)
-    vf_heads = [vf_cand[i] for i in vf.effect().argsort(descending=True)[:top_vf].tolist()]
-    top_layer = max(lay for lay, _ in vf_heads)
-    pt_cand = [h for h in ranked if h not in vf_heads and h[0] < top_layer][:n_candidates]
-    pt = path_patching(
-        target,
-        source,
-        answers,
-        senders=pt_cand,
-        receivers=vf_heads,
-        via="q",
-        sender_pos=last,
-        receiver_pos=last,
-    )
-    pt_heads = [pt_cand[i] for i in pt.effect().argsort(descending=True)[:top_pt].tolist()]
-    groups = {
-        "value_fetcher": [(a, b, "last") for a, b in vf_heads],
-        "position_transmitter": [(a, b, "last") for a, b in pt_heads],
-    }
-    return groups, {"value_fetcher": vf, "position_transmitter": pt}, len(vf_cand) + len(pt_cand)
-
-
 def run_circuit_study(
     pair: Any,
     out: Path,
@@ -112,7 +160,11 @@ def run_circuit_study(
     top_k: int = 6,
     n_random: int = 5,
     seed: int = 0,
+    n_pp_contexts: int = 4,
+    n_eval_contexts: int = 4,
+    search: GroupSearchConfig = DEMO_SEARCH,
 ) -> dict:
+    """CMAP head groups and their faithfulness, then the paper's circuit (:func:`path_circuit`)."""
     t0 = time.time()
     out = Path(out)
     tok = pair.tokenizer
@@ -134,31 +186,16 @@ def run_circuit_study(
             )  # fmt: skip
             res.save(out / "circuit" / f"faithfulness_{role}_{scope}")
             summary[f"faithfulness_{role}_{scope}"] = res.summary()
-    progress("circuits: path patching (value fetchers, position transmitters) in the tuned model")
-    corrupt = et.counterfactuals(
-        et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=n_contexts), seed), "query", seed=seed + 1
-    ).encode(tok)
-    t1 = time.time()
-    pp_groups, pp, pp_checked = path_study(pair.tuned, data, corrupt)
-    for name, res in pp.items():
-        res.save(out / "circuit" / f"path_patching_{name}")
-    summary["path_patching"] = {
-        "groups": {g: [f"L{a}.h{b}" for a, b, _ in hs] for g, hs in pp_groups.items()},
-        "n_candidates_checked": pp_checked,
-        "seconds": round(time.time() - t1, 1),
-    }
-    for role, scope in (("tuned", "positions"), ("tuned", "all"), ("base", "positions")):
-        progress(f"circuits: faithfulness of the path-patching circuit in the {role} model ({scope})")
-        res = faithfulness(
-            pair[role], data, pp_groups, reference=reference, n_random=n_random, seed=seed,
-            n_candidates_checked=pp_checked, scope=scope, provenance={**prov, "role": role},
-        )  # fmt: skip
-        res.save(out / "circuit" / f"faithfulness_path_circuit_{role}_{scope}")
-        summary[f"faithfulness_path_circuit_{role}_{scope}"] = res.summary()
+    summary["path_circuit"] = path_circuit(
+        pair, out / "circuit", progress, n_contexts=n_pp_contexts, n_eval=n_eval_contexts,
+        n_reference=n_reference, search=search, n_random=n_random, seed=seed,
+    )  # fmt: skip
     summary["seconds"] = round(time.time() - t0, 1)
     return summary
 
 
 def circuit_demo_step(ctx) -> dict:
-    """Demo size: 12 prompts, 24 reference prompts, 6 heads per group, 5 random circuits."""
+    """Demo size. CMAP groups: 12 prompts, 24 reference prompts, 6 heads per position, 5 random circuits.
+    The paper's circuit: 12 path-patching prompts, candidate pools and top-k of :data:`DEMO_SEARCH`, pruning
+    and faithfulness on 12 other prompts, means over 24 reference prompts with random query letters."""
     return run_circuit_study(ctx.pair, Path(ctx.out), ctx.progress)

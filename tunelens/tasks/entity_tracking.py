@@ -8,7 +8,9 @@ restricted to the context's objects (chance ``1 / n_boxes``); full-vocabulary ar
 
 Marks (turned into token positions by :meth:`Dataset.encode`): ``query_label`` (the box letter of the
 query, ``last − 2`` in the paper), ``prev_query_label`` (the same letter inside the context),
-``query_object`` (the answer inside the context), and ``label_i`` / ``object_i`` per segment ``i``.
+``query_object`` (the answer inside the context), and ``label_i`` / ``object_i`` per segment ``i``. The
+``context`` counterfactual also marks ``random_label``: one of its box labels, drawn at random (the paper's
+corrupt sender position for the structure-reader step, whose query names no box of that world).
 
 Example:
     >>> ds = generate(EntityTrackingConfig(n_boxes=3, n_contexts=2), seed=0)
@@ -19,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from tunelens.errors import ConfigError
@@ -108,11 +110,14 @@ def counterfactuals(clean: Dataset, kind: Counterfactual, seed: int) -> Dataset:
 
     ``query``: the same world, another box queried (the answer changes to that box's object).
     ``context``: the paper's path-patching corruption — another world, with the query's box letter
-    replaced by a letter that names no box (so the corrupt run carries "no valid answer").
+    replaced by a letter that names no box (so the corrupt run carries "no valid answer"). Each such prompt
+    also marks ``random_label``, a box label of its world drawn at random (from a separate generator, so
+    the prompts themselves do not depend on it).
     """
     if kind not in ("query", "context"):
         raise ConfigError(f"counterfactual kind must be 'query' or 'context', got {kind!r}")
     rng = random.Random(seed)
+    pick = random.Random(f"random_label:{seed}")
     cfg = clean.config
     out = []
     for e in clean.examples:
@@ -124,5 +129,7 @@ def counterfactuals(clean: Dataset, kind: Counterfactual, seed: int) -> Dataset:
             objs = rng.sample(list(cfg["objects"]), len(objects))
             labs = rng.sample(list(cfg["labels"]), len(labels))
             free = [x for x in cfg["labels"] if x not in labs]
-            out.append(_example(objs, labs, -1, e.item_id, query_label=rng.choice(free)))
+            bad = _example(objs, labs, -1, e.item_id, query_label=rng.choice(free))
+            i = pick.randrange(len(labs))
+            out.append(replace(bad, marks={**bad.marks, "random_label": bad.marks[f"label_{i}"]}))
     return Dataset(task="entity_tracking", config={**cfg, "counterfactual": kind}, examples=tuple(out))

@@ -64,3 +64,17 @@ def test_bad_config_is_refused():
         et.EntityTrackingConfig(n_boxes=1)
     with pytest.raises(ConfigError, match="counterfactual kind"):
         et.counterfactuals(et.generate(et.EntityTrackingConfig(n_contexts=1), seed=0), "other", seed=0)
+
+
+def test_context_counterfactual_marks_a_random_box_label(ds, tiny_tok):
+    corrupt = et.counterfactuals(ds, "context", seed=0)
+    enc = corrupt.encode(tiny_tok)
+    vocab = {i: w for w, i in tiny_tok.get_vocab().items()}
+    chosen = set()
+    for i, e in enumerate(corrupt):
+        pos = int(enc.positions["random_label"][i])
+        word = vocab[int(enc.tokens.input_ids[i, pos])]
+        assert word in e.meta["labels"]  # a box label of the corrupt world ...
+        assert pos == int(enc.positions[f"label_{e.meta['labels'].index(word)}"][i])  # ... at its own mark
+        chosen.add(e.meta["labels"].index(word))
+    assert chosen == {0, 1, 2}  # drawn, not always the same segment
