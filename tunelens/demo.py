@@ -84,6 +84,7 @@ ANALYSES: list[tuple[str, str]] = [
     ("circuit", "circuits.circuit_study:circuit_demo_step"),  # reuses the CMAP sweeps saved just before
     ("spectral", "spectral.study:demo_step"),
     ("knob", "circuits.knob:demo_step"),  # on its own pair, smollm2-knob
+    ("gemma", "circuits.gemma_study:demo_step"),  # its own pair, gemma3-et; skipped without the gemma extra
 ]
 
 

@@ -162,7 +162,10 @@ class Stepper:
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * attn.scaling
-        cap = getattr(attn, "attn_logit_softcapping", None)
+        # Gemma-2 soft-caps attention scores; Gemma-3's HF attention keeps ``attn_logit_softcapping`` in
+        # its config but never applies it (transformers 5.x), so neither do we: the runner follows the
+        # module it runs (tests/unit/circuits/test_gemma_engine.py checks this against the HF forward).
+        cap = None if self.is_gemma else getattr(attn, "attn_logit_softcapping", None)
         if cap is not None:
             scores = torch.tanh(scores / cap) * cap
         scores = scores + _mask(start, n, k.shape[2], self._window(layer), h.device, scores.dtype)

@@ -67,6 +67,7 @@ STUDIES: list[tuple[str, str, str | None]] = [
     ("circuits", "circuits.study:reproduce", "smollm2-et"),
     ("spectral", "spectral.study:reproduce", "smollm2-et"),
     ("knob", "circuits.knob:reproduce", None),  # builds and loads its own pair, smollm2-knob
+    ("circuits-gemma", "circuits.gemma_study:reproduce", "gemma3-et"),
 ]
 
 
@@ -123,6 +124,8 @@ def reproduce_plan(root: str | Path, only: list[str] | None = None) -> JobPlan:
         units += plan_units(spec, prefix=f"{name}/", after=after)
     for name, target, pair in STUDIES:
         needs = zoo.PAIRS.get(pair, ()) if pair else ()
+        if any(m.startswith("gemma") and f"zoo-{m}" not in zoo_ids.values() for m in needs):
+            continue  # its models need the optional extra 'gemma', which is not installed
         units.append(
             Unit(
                 id=f"study-{name}",

@@ -1,0 +1,78 @@
+"""The Gemma study entry point end to end on a tiny Gemma-3 pair (BOS, 1 KV head, soft-capping)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuits.gemma_study import GemmaSettings, run_gemma_study
+from circuits.groups import GroupSearchConfig
+from circuits.study import StudySettings
+from tests.unit.circuits import gemma_toy as toy
+from tunelens.errors import ConfigError
+from tunelens.results import load_result
+from tunelens.tasks import entity_tracking as et
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = toy.bos_tokenizer()
+    base = toy.loaded(toy.gemma_module(len(tok.get_vocab()), seed=0), tok, "gemma-toy-base")
+    return toy.perturbed_pair(base, lambda name: "layers" in name, "gemma-toy")
+
+
+SETTINGS = GemmaSettings(
+    study=StudySettings(n_contexts=2, resid_contexts=1, resid_layer_step=1, top_k=2, n_random=2),
+    circuit_contexts=2,
+    circuit_reference=2,
+    circuit_top_k=2,
+    circuit_random=1,
+    path_contexts=1,
+    path_eval_contexts=1,
+    search=GroupSearchConfig(top_k=(2, 1, 1, 1), n_candidates=(4, 2, 2, 2)),
+)
+
+
+@pytest.fixture(scope="module")
+def run(pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma-study")
+    return out, run_gemma_study(pair, out, SETTINGS, progress=lambda _: None)
+
+
+def test_summary_is_saved_and_json(run):
+    out, summary = run
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["pair"] == "gemma-toy"
+    assert summary["settings"]["study"]["top_k"] == 2
+
+
+def test_cmap_accuracies_are_those_of_the_hf_forward(pair, run):
+    _, summary = run
+    ds = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=2), seed=0)
+    data = ds.encode(pair.tokenizer)
+    held_out = torch.arange(len(data.answer_ids)) >= len(data.answer_ids) // 2  # the evaluation half
+    for role in ("base", "tuned"):
+        logits = toy.hf_logits(pair[role], data.tokens.input_ids)
+        rows = torch.arange(len(data.answer_ids))
+        last = logits[rows, data.tokens.last]
+        win = (last.gather(1, data.candidate_ids).amax(1) <= last[rows, data.answer_ids]).float()
+        assert summary["study"]["cmap_groups"][f"{role}_accuracy"] == round(float(win[held_out].mean()), 3)
+
+
+def test_every_result_reloads(run):
+    out, _ = run
+    saved = sorted(p.parent for p in out.rglob("result.json"))
+    names = {p.name for p in saved}
+    assert {"cmap_groups", "cmap_sweep_last", "cmap_sweep_query_label", "resid_patching"} <= names
+    assert {"faithfulness_tuned_all", "faithfulness_base_positions"} <= names
+    for folder in saved:
+        assert load_result(folder).summary()
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="circuit_top_k"):
+        GemmaSettings(circuit_top_k=0)
+    with pytest.raises(ConfigError, match="path_contexts"):
+        GemmaSettings(path_contexts=0)
