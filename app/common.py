@@ -225,12 +225,12 @@ def _safe_summary(result: Any) -> dict[str, Any]:
         return {"summary() failed": f"{type(exc).__name__}: {exc}"}
 
 
-def pair_check(entries: list[catalog.Entry], *, combines: bool = False) -> None:
+def pair_check(entries: list[catalog.Entry]) -> None:
     """Say so when the folder's results were computed on another pair than the loaded one.
 
-    A warning when the page shows saved results: they stand on their own (a demo folder holds results of
-    several pairs, e.g. the knob on ``smollm2-knob``). An error when the page ``combines`` them with the
-    loaded pair's weights (the atlas), which would compare vectors of different models."""
+    A warning, not an error: saved results stand on their own (a demo folder holds results of several
+    pairs, e.g. the knob on ``smollm2-knob``), and what combines them with the loaded pair's weights (the
+    atlas) leaves other pairs' results out and names them."""
     spec = st.session_state.get("pair_spec")
     if not spec or not entries:
         return
@@ -240,7 +240,7 @@ def pair_check(entries: list[catalog.Entry], *, combines: bool = False) -> None:
     try:
         catalog.check_pair(entries, pair.hashes(), f"the loaded one ({pair_label(spec)})")
     except TunelensError as exc:
-        (st.error if combines else st.warning)(str(exc))
+        st.warning(str(exc))
 
 
 def own_pair(entry: catalog.Entry) -> str | None:

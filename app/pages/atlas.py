@@ -38,7 +38,7 @@ if pair is not None:
     c1, c2 = st.columns([3, 1])
     layer = c1.slider("Layer", 0, n_layers - 1, min(n_layers - 1, n_layers // 2), key="atlas_layer")
     k = int(c2.number_input("Singular vectors per matrix", 1, 64, 8, key="atlas_k"))
-    common.pair_check(entries, combines=True)
+    common.pair_check(entries)  # the atlas leaves those results out and lists them below
     try:
         stamp = tuple((e.name, e.mtime) for e in entries if e.analysis not in ("atlas", "other"))
         result = _compute(tuple(st.session_state["pair_spec"]), layer, k, common.results_dir(), stamp)
