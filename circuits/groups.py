@@ -54,6 +54,16 @@ Rank = Literal["negative", "abs"]
 AttrMetric = Literal["log_prob", "logit_diff"]
 
 
+def head_map_axes(n_layers: int, n_heads: int) -> dict[str, Any]:
+    """Plotly layout of a layer × head map: every head a tick, every layer (every other one when deep)."""
+    return {
+        "xaxis_title": "head",
+        "yaxis_title": "layer",
+        "xaxis": {"dtick": 1, "range": [-0.7, n_heads - 0.3]},
+        "yaxis": {"dtick": 1 if n_layers <= 16 else 2, "range": [-0.7, n_layers - 0.3]},
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class GroupStep:
     """One step of the search: senders at ``position`` (a named position of the clean data) into the
@@ -334,10 +344,7 @@ class HeadGroupsResult(Result):
             )
         fig.update_layout(
             title=f"Circuit head groups in {self.model} by path patching (filled: chosen; hollow: checked)",
-            xaxis_title="head",
-            yaxis_title="layer",
-            xaxis={"dtick": 1, "range": [-0.7, self.n_heads - 0.3]},
-            yaxis={"dtick": 1 if self.n_layers <= 16 else 2, "range": [-0.7, self.n_layers - 0.3]},
+            **head_map_axes(self.n_layers, self.n_heads),
         )
         return fig
 

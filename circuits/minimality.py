@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from circuits.faithfulness import HeadAt, MeanZ, _keep_masks, ablated_last, mean_z
+from circuits.groups import head_map_axes
 from circuits.metrics import Answers, LastLogits, accuracy, answer_prob
 from tunelens.errors import ConfigError
 from tunelens.results import Result
@@ -144,10 +145,7 @@ class MinimalCircuitResult(Result):
                 f"(candidate circuit {self.f_circuit:.2f}, full model {self.f_full:.2f}); "
                 f"keep a head iff its relative drop ≥ {self.threshold}"
             ),
-            xaxis_title="head",
-            yaxis_title="layer",
-            xaxis={"dtick": 1, "range": [-0.7, self.n_heads - 0.3]},
-            yaxis={"dtick": 1 if self.n_layers <= 16 else 2, "range": [-0.7, self.n_layers - 0.3]},
+            **head_map_axes(self.n_layers, self.n_heads),
         )
         return fig
 
