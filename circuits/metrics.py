@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -111,6 +111,10 @@ class LastLogits:
             n_candidates=first.n_candidates,
             candidate_valid=first.candidate_valid,
         )
+
+    def index(self, i: int | slice) -> LastLogits:
+        """The runs at index ``i`` of the leading axis (an int drops it; ``slice(j, j + 1)`` keeps it)."""
+        return replace(self, selected=self.selected[i], lse=self.lse[i], top=self.top[i])
 
     def _candidates(self) -> Tensor:
         if self.n_candidates == 0:

@@ -228,8 +228,8 @@ def run_cells(
                     target, source, [cells[i] for i in chunk], [starts[i][0] for i in chunk], p0, answers
                 )
                 for j, i in enumerate(chunk):
-                    out[i] = _index_last(last, j)
-    return LastLogits.stack([_unsqueeze(o) for o in out])  # type: ignore[arg-type]
+                    out[i] = last.index(slice(j, j + 1))
+    return LastLogits.stack(out)  # type: ignore[arg-type]
 
 
 def _run_chunk(
@@ -278,25 +278,3 @@ def _run_chunk(
     rows = torch.arange(h.shape[0], device=h.device)
     logits = stepper.unembed(h[rows, last.to(h.device)]).view(n_blocks, n, -1)
     return LastLogits.from_logits(logits, answers)
-
-
-def _index_last(last: LastLogits, j: int) -> LastLogits:
-    return LastLogits(
-        selected=last.selected[j],
-        lse=last.lse[j],
-        top=last.top[j],
-        has_foil=last.has_foil,
-        n_candidates=last.n_candidates,
-        candidate_valid=last.candidate_valid,
-    )
-
-
-def _unsqueeze(last: LastLogits) -> LastLogits:
-    return LastLogits(
-        selected=last.selected[None],
-        lse=last.lse[None],
-        top=last.top[None],
-        has_foil=last.has_foil,
-        n_candidates=last.n_candidates,
-        candidate_valid=last.candidate_valid,
-    )

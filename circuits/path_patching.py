@@ -300,14 +300,4 @@ def _logits(target: Run, h: Tensor, p0: int, b: int, answers: Answers) -> LastLo
 
 
 def _split(last: LastLogits, b: int) -> list[LastLogits]:
-    return [
-        LastLogits(
-            selected=last.selected[j],
-            lse=last.lse[j],
-            top=last.top[j],
-            has_foil=last.has_foil,
-            n_candidates=last.n_candidates,
-            candidate_valid=last.candidate_valid,
-        )
-        for j in range(b)
-    ]
+    return [last.index(j) for j in range(b)]
