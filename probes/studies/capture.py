@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from probes.studies.settings import CaptureSettings
 from tunelens.cache import CacheConfig, capture
 from tunelens.models.pair import ModelPair
 from tunelens.sites import Site
@@ -51,3 +52,17 @@ def capture_last(
             h = got[final].to(model.device, next(module.parameters()).dtype)
             top[role] = torch.cat([stepper.unembed(c).argmax(-1).cpu() for c in h.split(256)])
     return acts, top
+
+
+def capture_for(
+    pair: ModelPair, data: Dataset, settings: CaptureSettings, *, progress: Progress | None = None
+) -> tuple[dict[str, Float[Tensor, "layer batch d_model"]], dict[str, Int[Tensor, " batch"]]]:
+    """:func:`capture_last` as a study's settings say (site kind, batch size, backend)."""
+    return capture_last(
+        pair,
+        data,
+        site_kind=settings.site_kind,
+        batch_size=settings.batch_size,
+        backend=settings.backend,
+        progress=progress,
+    )

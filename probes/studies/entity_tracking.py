@@ -19,7 +19,7 @@ import torch
 
 from probes.fit import fit_probes
 from probes.result import ProbeResult
-from probes.studies.capture import Progress, capture_last
+from probes.studies.capture import Progress, capture_for
 from probes.studies.settings import EntityTrackingSettings
 from tunelens.models.pair import ModelPair
 from tunelens.results import pair_provenance
@@ -36,14 +36,7 @@ def entity_tracking_study(
     data = et.generate(
         et.EntityTrackingConfig(n_boxes=settings.n_boxes, n_contexts=settings.n_contexts), seed=settings.seed
     )
-    acts, top = capture_last(
-        pair,
-        data,
-        site_kind=settings.site_kind,
-        batch_size=settings.batch_size,
-        backend=settings.backend,
-        progress=progress,
-    )
+    acts, top = capture_for(pair, data, settings, progress=progress)
     if settings.label == "object":
         names = sorted({e.answer.strip() for e in data})
         labels = torch.tensor([names.index(e.answer.strip()) for e in data])

@@ -28,7 +28,7 @@ import torch
 
 from probes.fit import fit_probes
 from probes.result import ProbeResult
-from probes.studies.capture import Progress, capture_last
+from probes.studies.capture import Progress, capture_for
 from probes.studies.settings import FactSettings
 from tunelens.errors import ConfigError
 from tunelens.models.pair import ModelPair
@@ -75,14 +75,7 @@ def pik_study(pair: ModelPair, settings: FactSettings, *, progress: Progress | N
     """(b) Probe each model's last question token for "this model answers this fact correctly"."""
     facts = sample_facts(settings)
     data = _prompts(facts)
-    acts, top = capture_last(
-        pair,
-        data,
-        site_kind=settings.site_kind,
-        batch_size=settings.batch_size,
-        backend=settings.backend,
-        progress=progress,
-    )
+    acts, top = capture_for(pair, data, settings, progress=progress)
     answers = _answer_ids(pair, data)
     known = {role: (top[role] == answers).long() for role in top}
     counts = {role: int(k.sum()) for role, k in known.items()}
@@ -157,14 +150,7 @@ def wack_study(
             raise ConfigError("known flags must come with known_items equal to this study's facts, in order")
         flags = {role: torch.tensor([bool(v) for v in known[role]]).long() for role in ("base", "tuned")}
     data = misleading_context(facts, seed=settings.seed, n_shots=settings.n_shots)
-    acts, top = capture_last(
-        pair,
-        data,
-        site_kind=settings.site_kind,
-        batch_size=settings.batch_size,
-        backend=settings.backend,
-        progress=progress,
-    )
+    acts, top = capture_for(pair, data, settings, progress=progress)
     answers = _answer_ids(pair, data)
     labels = {}
     for role in flags:

@@ -9,17 +9,28 @@ from probes.config import ProbeConfig
 from tunelens.errors import ConfigError
 
 
-def _check_common(s) -> None:
-    if s.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {s.batch_size}")
-    if s.backend not in ("bridge", "nnsight"):
-        raise ConfigError(f"backend must be 'bridge' or 'nnsight', got {s.backend!r}")
-    if not isinstance(s.probe, ProbeConfig):
-        raise ConfigError(f"probe must be a ProbeConfig, got {type(s.probe).__name__}")
+@dataclass(frozen=True, kw_only=True)
+class CaptureSettings:
+    """What every seed study shares: its seed, how it captures (batch size, backend, site kind) and the
+    probe settings."""
+
+    seed: int = 0
+    batch_size: int = 16
+    backend: str = "bridge"
+    site_kind: str = "resid_post"
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in ("bridge", "nnsight"):
+            raise ConfigError(f"backend must be 'bridge' or 'nnsight', got {self.backend!r}")
+        if not isinstance(self.probe, ProbeConfig):
+            raise ConfigError(f"probe must be a ProbeConfig, got {type(self.probe).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EntityTrackingSettings:
+class EntityTrackingSettings(CaptureSettings):
     """Entity tracking: ``n_contexts`` worlds of ``n_boxes`` boxes, every box queried once.
 
     ``label``: ``object`` (which object is in the queried box; one class per object word) or ``segment``
@@ -29,14 +40,9 @@ class EntityTrackingSettings:
     n_contexts: int
     n_boxes: int = 3
     label: Literal["object", "segment"] = "object"
-    seed: int = 0
-    batch_size: int = 16
-    backend: str = "bridge"
-    site_kind: str = "resid_post"
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
         if self.label not in ("object", "segment"):
             raise ConfigError(f"label must be 'object' or 'segment', got {self.label!r}")
         if self.n_contexts < 2:
@@ -44,20 +50,15 @@ class EntityTrackingSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FactSettings:
+class FactSettings(CaptureSettings):
     """Fact probes: ``n_facts`` facts sampled (seeded) from the shipped table (``None``: all of them)."""
 
     n_facts: int | None = None
     relations: tuple[str, ...] | None = None
     n_shots: int = 3
-    seed: int = 0
-    batch_size: int = 16
-    backend: str = "bridge"
-    site_kind: str = "resid_post"
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
         if self.n_facts is not None and self.n_facts < 10:
             raise ConfigError(f"n_facts must be None (all) or >= 10, got {self.n_facts}")
 
