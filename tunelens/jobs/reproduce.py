@@ -124,7 +124,7 @@ def reproduce_plan(root: str | Path, only: list[str] | None = None) -> JobPlan:
         units += plan_units(spec, prefix=f"{name}/", after=after)
     for name, target, pair in STUDIES:
         needs = zoo.PAIRS.get(pair, ()) if pair else ()
-        if any(m.startswith("gemma") and f"zoo-{m}" not in zoo_ids.values() for m in needs):
+        if any(m.startswith("gemma") and m not in zoo_ids for m in needs):
             continue  # its models need the optional extra 'gemma', which is not installed
         units.append(
             Unit(
