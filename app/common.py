@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -162,12 +161,9 @@ def figure_widgets(result: Any, key: str) -> dict[str, Any]:
 
 
 def text_choices(result: Any, name: str) -> list[str] | None:
-    """The values a text option of ``result.figure()`` can take, when the result says so: ``view`` from the
-    figure's docstring (the views it documents as ``name``: ...), ``metric`` from the metrics the result
-    holds, ``task`` from its tasks. None when unknown (no widget is made)."""
-    if name == "view":
-        views = list(dict.fromkeys(re.findall(r"``(\w+)``\s*:", inspect.getdoc(result.figure) or "")))
-        return views or None
+    """The values a text option of ``result.figure()`` can take, when the result says so: ``metric`` from
+    the metrics the result holds, ``task`` from its tasks. None when unknown (no widget is made); options
+    with a fixed set of values (``view``) are ``Literal`` in the figure's signature instead."""
     if name == "metric":
         values = getattr(result, "values", None)
         if isinstance(values, dict) and values:

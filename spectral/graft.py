@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -375,7 +375,7 @@ class GraftResult(Result):
                 }
         return out
 
-    def figure(self, view: str = "curve", task: str | None = None):
+    def figure(self, view: Literal["curve", "ece", "layers", "overlap"] = "curve", task: str | None = None):
         """``curve``: accuracy vs sparsity for graft, top-|τ| and random masks, with base/tuned lines;
         ``ece``: calibration of base, tuned and grafts; ``layers``: grafted coordinates per layer and kind;
         ``overlap``: mask overlap between tasks."""

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -198,7 +198,11 @@ class IntruderResult(Result):
         return out
 
     # -- figures ---------------------------------------------------------------------------------
-    def figure(self, view: str = "epsilon", variant: str | None = None):
+    def figure(
+        self,
+        view: Literal["epsilon", "heatmap", "layer", "rank", "tradeoff"] = "epsilon",
+        variant: str | None = None,
+    ):
         """``epsilon``: intruders vs ε (k fixed), one line per variant; ``heatmap``: |U_tᵀU_0| of the
         chosen matrix for ``variant``; ``layer``: counts by layer and kind; ``rank``: counts vs LoRA rank
         (variants named ``…-rN``, full at the right); ``tradeoff``: accuracy vs general-text loss under λ."""

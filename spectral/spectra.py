@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -92,7 +92,7 @@ class SpectrumResult(Result):
             out[f"median_relative_update[{v}]"] = round(float(rel[i].median()), 5)
         return out
 
-    def figure(self, view: str = "rank", matrix: str | None = None):
+    def figure(self, view: Literal["rank", "spectrum"] = "rank", matrix: str | None = None):
         """``rank``: effective rank of ΔW by layer, one panel per kind; ``spectrum``: normalised singular
         values of ΔW (and of the base) for one ``matrix`` (default the first)."""
         import plotly.express as px
