@@ -66,6 +66,20 @@ def fit_logistic_newton(
         )
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
+    fit = _newton(x, y, C=C, max_iter=max_iter, tol=tol)
+    if x.dtype == torch.float64 or bool(fit.converged.all()):
+        return fit
+    # float32 factorisations of an ill-conditioned system (weak regularisation, more examples than
+    # dimensions) can fail or stall the iteration: the layers with such a problem are solved in float64
+    layers = (~fit.converged).any(-1).nonzero()[:, 0]
+    redo = _newton(x[layers].double(), y[layers], C=C, max_iter=max_iter, tol=tol)
+    for f in ("weight", "bias", "converged", "n_iter"):
+        getattr(fit, f)[layers] = getattr(redo, f)
+    return fit
+
+
+def _newton(x: Tensor, y: Tensor, *, C: float, max_iter: int, tol: float) -> LinearFit:
+    """The Newton iteration of :func:`fit_logistic_newton` on one chunk of layers, in the dtype of ``x``."""
     n_layer, n, _ = x.shape
     n_target = y.shape[1]
     lam = 1.0 / (C * n)
@@ -95,17 +109,9 @@ def fit_logistic_newton(
         h = -gvec / dvec
         # P = K/n + λD⁻¹, factorised for the problems still moving only
         li, ti = active.nonzero(as_tuple=True)
-        diag = lam / dvec[li, ti]
-        P = gram_n[li]
-        P.diagonal(dim1=-2, dim2=-1).add_(diag.to(x.dtype))
+        P = gram_n[li]  # a factorisation that fails stops its problem (redone in float64 above)
+        P.diagonal(dim1=-2, dim2=-1).add_((lam / dvec[li, ti]).to(x.dtype))
         chol, info = torch.linalg.cholesky_ex(P)
-        if x.dtype != torch.float64 and bool((info != 0).any()):
-            bad = info != 0  # lost positive definiteness in float32: those problems in float64
-            P64 = gram_n[li[bad]].double()
-            P64.diagonal(dim1=-2, dim2=-1).add_(diag[bad])
-            c64, info64 = torch.linalg.cholesky_ex(P64)
-            chol = chol.double()
-            chol[bad], info = c64, info.masked_scatter(bad, info64)
         rhs = torch.stack([h[li, ti], ones.expand(len(li), n)], -1).to(chol.dtype)  # [problem, batch, 2]
         sol = torch.linalg.solve_triangular(chol, rhs, upper=False)
         sol = torch.linalg.solve_triangular(chol.mT, sol, upper=True).double()

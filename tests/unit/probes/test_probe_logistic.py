@@ -195,3 +195,18 @@ def test_float32_newton_reaches_the_float64_optimum():
     assert a.converged.all() and b.converged.all()
     torch.testing.assert_close(b.weight, a.weight, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(b.bias, a.bias, atol=1e-5, rtol=1e-4)
+
+
+def test_float32_newton_that_stalls_is_finished_in_float64():
+    """Weak regularisation with more examples than dimensions: float32 factorisations of the nearly
+    singular Newton system stall the iteration; those layers are solved again in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 60, 4, generator=g, dtype=torch.float64)
+    y = (x[:, :, 0] + torch.randn(2, 60, generator=g, dtype=torch.float64) > 0).long()
+    a = fit_logistic(x, y[:, None], n_classes=2, C=1e6, tol=1e-6, solver="newton")
+    b = fit_logistic(x.float(), y[:, None], n_classes=2, C=1e6, tol=1e-6, solver="newton")
+    assert a.converged.all() and b.converged.all()
+    torch.testing.assert_close(b.weight, a.weight, atol=1e-5, rtol=1e-5)
+    for layer in range(2):  # and it is sklearn's optimum
+        ref = _sklearn(x[layer].numpy(), y[layer].numpy(), 1e6)
+        np.testing.assert_allclose(b.weight[layer, 0].numpy(), ref.coef_.T, rtol=1e-3, atol=1e-3)
