@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--test-fraction", type=float, default=0.45)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each side; their medians are compared")
     args = ap.parse_args()
 
     from sklearn.linear_model import LogisticRegression
@@ -111,23 +112,36 @@ def main() -> None:
     )
 
     # ours: every layer of both models (standardise, fit, score) in one call
-    t0 = time.perf_counter()
-    res = fit_probes(acts, ys, items, cfg)
-    t_ours = time.perf_counter() - t0
+    times_ours = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        res = fit_probes(acts, ys, items, cfg)
+        times_ours.append(time.perf_counter() - t0)
 
     # scikit-learn: one LogisticRegression per (model, layer) on the same standardised split
-    t0 = time.perf_counter()
-    sk_acc = np.zeros((2, n_layer))
-    iters = []
-    for ri, role in enumerate(("base", "tuned")):
-        y = ys[role].numpy()
-        for layer in range(n_layer):
-            x = acts[role][layer].double().numpy()
-            scaler = StandardScaler().fit(x[tr])
-            m = LogisticRegression(C=args.C, max_iter=10000).fit(scaler.transform(x[tr]), y[tr])
-            sk_acc[ri, layer] = (m.predict(scaler.transform(x[te])) == y[te]).mean()
-            iters.append(int(m.n_iter_.max()))
-    t_sk = time.perf_counter() - t0
+    def sklearn_fits():
+        acc = np.zeros((2, n_layer))
+        iters = []
+        for ri, role in enumerate(("base", "tuned")):
+            y = ys[role].numpy()
+            for layer in range(n_layer):
+                x = acts[role][layer].double().numpy()
+                scaler = StandardScaler().fit(x[tr])
+                m = LogisticRegression(C=args.C, max_iter=10000).fit(scaler.transform(x[tr]), y[tr])
+                acc[ri, layer] = (m.predict(scaler.transform(x[te])) == y[te]).mean()
+                iters.append(int(m.n_iter_.max()))
+        return acc, iters
+
+    times_sk = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        sk_acc, iters = sklearn_fits()
+        times_sk.append(time.perf_counter() - t0)
+    t_ours, t_sk = float(np.median(times_ours)), float(np.median(times_sk))
+    print(
+        f"wall times over {args.repeat} runs, ours: {', '.join(f'{t:.2f}' for t in times_ours)} s; "
+        f"scikit-learn: {', '.join(f'{t:.2f}' for t in times_sk)} s (medians compared)"
+    )
 
     ours = res.scores["task"][:, 0].numpy()
     diff = np.abs(ours - sk_acc) * 100

@@ -31,9 +31,31 @@ class Standardiser:
     @classmethod
     def fit(cls, x: Float[Tensor, "layer batch d_model"]) -> Standardiser:
         var, mean = torch.var_mean(x, 1, correction=0)
-        mean, std = mean.double(), var.double().sqrt()
+        return cls._from_moments(mean.double(), var.double().sqrt(), x.dtype)
+
+    @classmethod
+    def fit_apply(
+        cls, x: Float[Tensor, "layer batch d_model"], *, inplace: bool = False
+    ) -> tuple[Standardiser, Float[Tensor, "layer batch d_model"]]:
+        """``fit(x)`` and ``apply(x)`` in four passes over ``x`` instead of six (the centred copy is
+        reused for the scale and scaled in place); the same numbers up to rounding in ``x``'s dtype.
+        ``inplace=True`` standardises ``x`` itself (a float tensor the caller owns) and returns it."""
+        n = x.shape[1]
+        first = x.sum(1, keepdim=True).div_(n)
+        centred = x.sub_(first) if inplace else x - first
+        # the corrected two-pass algorithm: the centred data's own mean (rounding error of the first)
+        # fixes the mean and the variance, and is subtracted in the same pass as the division
+        resid = centred.sum(1, keepdim=True).div_(n)
+        sq = torch.linalg.vector_norm(centred, dim=1).double().square_()
+        std = sq.div_(n).sub_(resid[:, 0].double().square()).clamp_min_(0).sqrt_()
+        st = cls._from_moments((first + resid)[:, 0].double(), std, x.dtype)
+        inv = st.scale[:, None].reciprocal().to(x.dtype)
+        return st, torch.addcmul(-resid * inv, centred, inv, out=centred)
+
+    @classmethod
+    def _from_moments(cls, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Standardiser:
         # the same rule as scikit-learn's StandardScaler: a (near-)constant feature keeps scale 1
-        tiny = std <= 10 * torch.finfo(x.dtype).eps * mean.abs().clamp_min(1.0)
+        tiny = std <= 10 * torch.finfo(dtype).eps * mean.abs().clamp_min(1.0)
         return cls(mean=mean, scale=torch.where(tiny, torch.ones_like(std), std))
 
     def apply(self, x: Float[Tensor, "layer batch d_model"]) -> Float[Tensor, "layer batch d_model"]:

@@ -66,6 +66,39 @@ def ece(probs: Float[Tensor, "batch n_class"], labels: Tensor, *, n_bins: int = 
     return total
 
 
+def auroc_rows(scores: Float[Tensor, "row batch"], labels: Tensor) -> Float[Tensor, " row"]:
+    """:func:`auroc` of every row of ``scores`` against the same ``labels``, in one batched pass."""
+    if scores.ndim != 2:
+        raise ShapeError(f"auroc_rows expects scores [row, batch], got {tuple(scores.shape)}")
+    _check_same_length(scores.T, labels, "auroc_rows")
+    labels = labels.bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ShapeError(f"auroc needs both classes, got {n_pos} positive and {n_neg} negative labels")
+    x = scores.double().contiguous()
+    ordered = x.sort(-1).values
+    # the average 1-based rank of a value: (#smaller + #smaller-or-equal + 1) / 2, ties sharing it
+    below = torch.searchsorted(ordered, x, right=False)
+    upto = torch.searchsorted(ordered, x, right=True)
+    ranks = (below + upto + 1).double() / 2
+    return (ranks[:, labels].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def ece_rows(
+    probs: Float[Tensor, "row batch n_class"], labels: Tensor, *, n_bins: int = 10
+) -> Float[Tensor, " row"]:
+    """:func:`ece` of every row of ``probs`` against the same ``labels``, in one batched pass."""
+    if probs.ndim != 3:
+        raise ShapeError(f"ece_rows expects probabilities [row, batch, n_class], got {tuple(probs.shape)}")
+    _check_same_length(probs.transpose(0, 1), labels, "ece_rows")
+    conf, pred = probs.double().max(dim=-1)
+    correct = (pred == labels).double()
+    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
+    # Σ_bins (n_b / n)·|mean conf_b − mean correct_b| = Σ_bins |Σ_b (conf − correct)| / n
+    gap = torch.zeros(probs.shape[0], n_bins, dtype=torch.float64).scatter_add_(1, bins, conf - correct)
+    return gap.abs().sum(-1) / probs.shape[1]
+
+
 def mean_ci(values: list[float] | Tensor, *, z: float = 1.96) -> tuple[float, float, float]:
     """Mean and a normal-approximation confidence interval (mean ± z·sd/√n) over seeds or items."""
     v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from tunelens.directions import Direction, class_means, diff_of_means
 from tunelens.errors import ShapeError
-from tunelens.metrics import accuracy, auroc, binomial_ci, ece, mean_ci
+from tunelens.metrics import accuracy, auroc, auroc_rows, binomial_ci, ece, ece_rows, mean_ci
 from tunelens.sites import Site
 
 SITE = Site("resid_post", 0)
@@ -59,6 +59,22 @@ def test_auroc_matches_sklearn_with_ties():
     assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
     with pytest.raises(ShapeError, match="both classes"):
         auroc(scores, torch.zeros(300))
+
+
+def test_batched_auroc_and_ece_equal_sklearn_and_the_per_row_forms():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 7, (5, 300), generator=gen).double() / 3  # many ties
+    labels = torch.randint(0, 2, (300,), generator=gen)
+    expected = [roc_auc_score(labels.numpy(), s.numpy()) for s in scores]
+    np.testing.assert_allclose(auroc_rows(scores, labels).numpy(), expected, atol=1e-12)
+    probs = torch.softmax(torch.randn(5, 300, 3, generator=gen) * 2, dim=-1)
+    labels3 = torch.randint(0, 3, (300,), generator=gen)
+    expected = [ece(p, labels3) for p in probs]
+    np.testing.assert_allclose(ece_rows(probs, labels3).numpy(), expected, atol=1e-12)
+    with pytest.raises(ShapeError, match="both classes"):
+        auroc_rows(scores, torch.ones(300))
+    with pytest.raises(ShapeError, match="300 scores but 299 labels"):
+        ece_rows(probs, labels3[:-1])
 
 
 def test_ece_matches_a_direct_loop():

@@ -210,3 +210,22 @@ def test_float32_newton_that_stalls_is_finished_in_float64():
     for layer in range(2):  # and it is sklearn's optimum
         ref = _sklearn(x[layer].numpy(), y[layer].numpy(), 1e6)
         np.testing.assert_allclose(b.weight[layer, 0].numpy(), ref.coef_.T, rtol=1e-3, atol=1e-3)
+
+
+def test_newton_in_threads_equals_one_thread_and_restores_the_thread_count():
+    """With T torch threads the layers are solved by T Python threads (one torch thread each); the
+    probes equal a one-thread fit, whatever the chunking, and torch's thread count is restored."""
+    x, y, _ = make_toy(n=300, d=40, n_layer=7, noise=2.0)
+    xs = torch.stack([torch.from_numpy(StandardScaler().fit_transform(x[i].numpy())) for i in range(7)])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fit_logistic(xs.float(), y, n_classes=2, C=1.0, solver="newton")
+        torch.set_num_threads(2)
+        two = fit_logistic(xs.float(), y, n_classes=2, C=1.0, solver="newton")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert one.converged.all() and two.converged.all()
+    torch.testing.assert_close(two.weight, one.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two.bias, one.bias, atol=1e-6, rtol=1e-6)
