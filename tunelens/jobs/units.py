@@ -254,7 +254,9 @@ def run_zoo(unit: Unit, root: Path) -> dict[str, Any]:
 
     name = unit.params["name"]
     record = zoo.build(name, progress=lambda msg: log.info("%s", msg))
-    atomic_write_json(root / unit.outputs[0], record)
+    dest = root / unit.outputs[0]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(dest, record)
     return {k: record[k] for k in ("name", "kind", "gain", "verdict") if k in record}
 
 

@@ -71,3 +71,13 @@ def test_cli_reproduce_unknown_study_is_one_line(tmp_path, capsys):
     assert main(["reproduce", "--only", "nothing", "--out", str(Path(tmp_path))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tunelens: error: reproduce --only: no study") and "\n" not in err
+
+
+def test_a_zoo_unit_writes_its_record_into_a_fresh_job_folder(tmp_path):
+    """The zoo record goes to ``OUT/zoo/NAME.json``; the folder did not exist before the first unit."""
+    from tunelens.jobs.units import Unit, run_zoo
+
+    unit = Unit(id="zoo-tiny", kind="zoo", params={"name": "tiny"}, outputs=("zoo/tiny.json",))
+    summary = run_zoo(unit, tmp_path / "fresh")
+    record = json.loads((tmp_path / "fresh" / "zoo" / "tiny.json").read_text())
+    assert record["name"] == summary["name"] == "tiny"
