@@ -122,3 +122,63 @@ def pretrain_induction(
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def periodic_batch(
+    token_ids: torch.Tensor,
+    batch: int,
+    length: int,
+    gen: torch.Generator,
+    *,
+    periods: tuple[int, int] = (5, 19),
+    max_prefix: int = 7,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of ``length`` tokens: a random prefix (0..``max_prefix`` tokens), then a pattern of P
+    distinct tokens (P drawn from ``periods``, inclusive) repeated. Returns the ids and a mask of the
+    positions whose token a model can predict by copying (every position after the first period).
+
+    The period varies, so a head that copies from a fixed relative position cannot solve the task: the
+    model has to find the earlier occurrence of the current token by content (induction)."""
+    seqs, masks = [], []
+    n = len(token_ids)
+    for _ in range(batch):
+        p = int(torch.randint(periods[0], periods[1] + 1, (1,), generator=gen))
+        pattern = token_ids[torch.randperm(n, generator=gen)[:p]]
+        prefix = token_ids[
+            torch.randint(n, (int(torch.randint(0, max_prefix + 1, (1,), generator=gen)),), generator=gen)
+        ]
+        seqs.append(torch.cat([prefix, pattern.repeat(length // p + 2)])[:length])
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[len(prefix) + p :] = True
+        masks.append(mask)
+    return torch.stack(seqs), torch.stack(masks)
+
+
+def train_periodic_induction(
+    model: LlamaForCausalLM,
+    token_ids: torch.Tensor,
+    *,
+    steps: int,
+    seed: int,
+    lr: float = 3e-3,
+    batch: int = 32,
+    length: int = 40,
+) -> list[float]:
+    """Train the parameters of ``model`` that require grad on :func:`periodic_batch` data (loss on the
+    predictable positions only); returns the accuracy on those positions per step."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    accuracy = []
+    for _ in range(steps):
+        ids, mask = periodic_batch(token_ids, batch, length, gen)
+        logits = model(input_ids=ids).logits[:, :-1][mask[:, 1:]]
+        target = ids[:, 1:][mask[:, 1:]]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        accuracy.append(float((logits.argmax(-1) == target).float().mean()))
+    model.eval()
+    return accuracy
