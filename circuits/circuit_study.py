@@ -59,8 +59,10 @@ def path_circuit(
     prompts against the paper's corrupt ones, ``counterfactuals(…, "context")``), minimality pruning, and
     the faithfulness of the minimal circuit in both models (means over prompts with random query letters).
 
-    Writes ``groups``, ``path_patching_<group>``, ``minimality`` and ``faithfulness_path_circuit_<role>_
-    <scope>`` under ``out``; returns their headline numbers."""
+    Writes ``groups``, ``path_patching_<group>``, ``minimality`` (pruned at the paper's scope),
+    ``minimality_positions`` (ablated only at the circuit's positions) and
+    ``faithfulness_path_circuit_<role>_<scope>`` (each minimal circuit at its scope, in both models) under
+    ``out``; returns their headline numbers."""
     tok = pair.tokenizer
     cfg = et.EntityTrackingConfig(n_boxes=3, n_contexts=n_contexts)
     ds = et.generate(cfg, seed + 200)
@@ -92,25 +94,31 @@ def path_circuit(
     if not heads:
         summary["note"] = "no head group found"
         return summary
-    t = time.time()
-    progress(f"circuits: minimality pruning of {sum(map(len, heads.values()))} heads in the {role} model")
-    minimal = prune(pair[role], evaluation, heads, reference=reference, provenance={**prov, "role": role})
-    minimal.save(out / "minimality")
-    summary["minimality"] = minimal.summary()
-    summary["seconds_pruning"] = round(time.time() - t, 1)
-    kept = {g: [tuple(h) for h in hs] for g, hs in minimal.minimal.items() if hs}
-    if not kept:
-        summary["note"] = "pruning kept no head"
-        return summary
     checked = sum(groups.n_checked().values())
-    for who, scope in ((role, "all"), (role, "positions"), (_other(role), "all")):
-        progress(f"circuits: faithfulness of the minimal circuit in the {who} model ({scope})")
-        res = faithfulness(
-            pair[who], evaluation, kept, reference=reference, n_random=n_random, seed=seed,
-            n_candidates_checked=checked, scope=scope, provenance={**prov, "role": who},
-        )  # fmt: skip
-        res.save(out / f"faithfulness_path_circuit_{who}_{scope}")
-        summary[f"faithfulness_{who}_{scope}"] = res.summary()
+    # pruned twice: at the paper's scope (everything outside the circuit ablated at every position) and,
+    # for circuits that are not faithful there, only at the candidate circuit's positions
+    for scope, name in (("all", "minimality"), ("positions", "minimality_positions")):
+        t = time.time()
+        n = sum(map(len, heads.values()))
+        progress(f"circuits: minimality pruning of {n} heads in the {role} model (ablated: {scope})")
+        minimal = prune(
+            pair[role], evaluation, heads, reference=reference, scope=scope, provenance={**prov, "role": role}
+        )
+        minimal.save(out / name)
+        summary[name] = minimal.summary()
+        summary[f"seconds_{name}"] = round(time.time() - t, 1)
+        kept = {g: [tuple(h) for h in hs] for g, hs in minimal.minimal.items() if hs}
+        if not kept:
+            summary[f"note_{name}"] = "pruning kept no head"
+            continue
+        for who in (role, _other(role)):
+            progress(f"circuits: faithfulness of the minimal circuit in the {who} model ({scope})")
+            res = faithfulness(
+                pair[who], evaluation, kept, reference=reference, n_random=n_random, seed=seed,
+                n_candidates_checked=checked, scope=scope, provenance={**prov, "role": who},
+            )  # fmt: skip
+            res.save(out / f"faithfulness_path_circuit_{who}_{scope}")
+            summary[f"faithfulness_{who}_{scope}"] = res.summary()
     return summary
 
 

@@ -100,15 +100,23 @@ def mean_z(model: LoadedModel, reference: Encoded) -> MeanZ:
 
 
 def _keep_masks(
-    heads: Sequence[HeadAt], data: Encoded, n_layers: int, n_heads: int, scope: str = "all"
+    heads: Sequence[HeadAt],
+    data: Encoded,
+    n_layers: int,
+    n_heads: int,
+    scope: str = "all",
+    positions_of: Sequence[HeadAt] | None = None,
 ) -> dict[int, Float[Tensor, "batch pos head"]]:
-    """Per layer, 1 where the circuit keeps a head's own activation (batch × pos × head)."""
+    """Per layer, 1 where the circuit keeps a head's own activation (batch × pos × head).
+
+    ``scope="positions"`` ablates only at the positions of ``positions_of`` (default: ``heads``); pruning
+    passes the whole candidate circuit there, so removing a head never changes where the ablation is."""
     batch, n_pos = data.tokens.input_ids.shape
     keep = {layer: torch.zeros(batch, n_pos, n_heads, dtype=torch.bool) for layer in range(n_layers)}
     rows = torch.arange(batch)
     if scope == "positions":  # only the circuit's positions are ablated (every other position kept)
         at = torch.ones(batch, n_pos, dtype=torch.bool)
-        for pos in {p for _, _, p in heads}:
+        for pos in {p for _, _, p in (heads if positions_of is None else positions_of)}:
             if pos == "all":
                 at[:] = False
             elif isinstance(pos, str) and pos in data.positions:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from circuits.faithfulness import HeadAt, MeanZ, _keep_masks, ablated_last, mean_z
+from circuits.faithfulness import HeadAt, MeanZ, Scope, _keep_masks, ablated_last, mean_z
 from circuits.groups import head_map_axes
 from circuits.metrics import Answers, LastLogits, accuracy, answer_prob
 from tunelens.errors import ConfigError
@@ -42,16 +42,22 @@ class _Ablated:
     :func:`circuits.faithfulness.ablated_last`), for many sub-circuits of one circuit: the run of the whole
     circuit is traced once, and a sub-circuit's run starts at the first layer where it lacks a head."""
 
-    def __init__(self, model: Any, data: Encoded, heads: list[HeadAt], means: MeanZ, answers: Answers):
-        self.model, self.data, self.heads, self.answers = model, data, heads, answers
+    def __init__(
+        self, model: Any, data: Encoded, heads: list[HeadAt], means: MeanZ, answers: Answers, scope: str
+    ):
+        self.model, self.data, self.heads, self.answers, self.scope = model, data, heads, answers, scope
         dims = model.dims
         self.tokens = data.tokens.to(model.device)
         self.means = [means.for_batch(layer, data) for layer in range(dims.n_layers)]
         self.stepper = Stepper(model.module)
-        self.keep = _keep_masks(heads, data, dims.n_layers, dims.n_heads)
+        self.keep = self._masks(heads)
         with model.active(), torch.no_grad():
             ids, last = self.tokens.input_ids, self.tokens.last
             self.trace = self.stepper.trace(ids, last, hook=self._hook(self.keep))
+
+    def _masks(self, kept: list[HeadAt]) -> dict[int, torch.Tensor]:
+        dims = self.model.dims
+        return _keep_masks(kept, self.data, dims.n_layers, dims.n_heads, self.scope, positions_of=self.heads)
 
     def _hook(self, keep: dict[int, torch.Tensor]):
         def hook(layer: int, kind: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -66,8 +72,7 @@ class _Ablated:
         if not removed:
             return LastLogits.from_logits(self.trace.logits, self.answers)
         dims = self.model.dims
-        kept = [h for i, h in enumerate(self.heads) if i not in removed]
-        keep = _keep_masks(kept, self.data, dims.n_layers, dims.n_heads)
+        keep = self._masks([h for i, h in enumerate(self.heads) if i not in removed])
         start = min(self.heads[i][0] for i in removed)
         h = self.trace.resid[start]
         with self.model.active(), torch.no_grad():
@@ -107,6 +112,7 @@ class MinimalCircuitResult(Result):
     n_evaluations: int
     n_layers: int
     n_heads: int
+    scope: str = "all"  # where everything outside the circuit is ablated (see prune)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self):
@@ -142,7 +148,8 @@ class MinimalCircuitResult(Result):
         fig.update_layout(
             title=(
                 f"Minimal circuit in {self.model}: {self.metric} {self.f_minimal:.2f} "
-                f"(candidate circuit {self.f_circuit:.2f}, full model {self.f_full:.2f}); "
+                f"(candidate circuit {self.f_circuit:.2f}, full model {self.f_full:.2f}; ablated at "
+                f"{'every position' if self.scope == 'all' else 'the circuit positions'}); "
                 f"keep a head iff its relative drop ≥ {self.threshold}"
             ),
             **head_map_axes(self.n_layers, self.n_heads),
@@ -153,6 +160,7 @@ class MinimalCircuitResult(Result):
         return {
             "model": self.model,
             "metric": self.metric,
+            "scope": self.scope,
             "n_heads_before": {g: len(hs) for g, hs in self.groups.items()},
             "n_heads_after": {g: len(hs) for g, hs in self.minimal.items()},
             "minimal": {g: [f"L{a}.H{b}" for a, b, _ in hs] for g, hs in self.minimal.items()},
@@ -174,13 +182,18 @@ def prune(
     threshold: float = 0.01,
     partner_fraction: float = 0.3,
     metric: PruneMetric = "accuracy",
+    scope: Scope = "all",
     provenance: dict[str, Any] | None = None,
 ) -> MinimalCircuitResult:
     """Prune ``groups`` (heads as ``(layer, head, position)``) in ``model`` on ``data``, means from
     ``reference``; see the module doc. ``metric="prob"``: the mean answer probability instead of accuracy
-    (smoother on few prompts)."""
+    (smoother on few prompts). ``scope="positions"``: everything outside the circuit is ablated only at
+    the candidate circuit's positions (the same positions for every sub-circuit), for circuits that are not
+    faithful at the paper's scope (``"all"``)."""
     if metric not in ("accuracy", "prob"):
         raise ConfigError(f"pruning metric must be 'accuracy' or 'prob', got {metric!r}")
+    if scope not in ("all", "positions"):
+        raise ConfigError(f"scope must be 'all' or 'positions', got {scope!r}")
     if not 0 <= partner_fraction < 1:
         raise ConfigError(f"partner_fraction must be in [0, 1), got {partner_fraction}")
     if not groups or not any(groups.values()):
@@ -188,7 +201,7 @@ def prune(
     answers = Answers.from_encoded(data)
     means = mean_z(model, reference)
     nodes = [(g, (int(h[0]), int(h[1]), h[2])) for g, hs in groups.items() for h in hs]
-    runs = _Ablated(model, data, [h for _, h in nodes], means, answers)
+    runs = _Ablated(model, data, [h for _, h in nodes], means, answers, scope)
     cache: dict[frozenset, float] = {}
 
     def value(last) -> float:
@@ -241,5 +254,6 @@ def prune(
         n_evaluations=len(cache) + 1,
         n_layers=model.dims.n_layers,
         n_heads=model.dims.n_heads,
+        scope=scope,
         provenance=provenance or {},
     )

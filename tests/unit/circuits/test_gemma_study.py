@@ -67,6 +67,9 @@ def test_every_result_reloads(run):
     names = {p.name for p in saved}
     assert {"cmap_groups", "cmap_sweep_last", "cmap_sweep_query_label", "resid_patching"} <= names
     assert {"faithfulness_tuned_all", "faithfulness_base_positions"} <= names
+    # the paper's circuit pruned at both scopes
+    assert {"groups", "minimality", "minimality_positions"} <= names
+    assert load_result(out / "circuit" / "minimality_positions").scope == "positions"
     for folder in saved:
         assert load_result(folder).summary()
 

@@ -39,8 +39,9 @@ def toy(tiny_tok):
     return model, data, reference, circuit
 
 
-def _accuracy(model, data, reference, heads) -> float:
-    """Everything but ``heads`` (layer, head, position name) replaced by its per-position reference mean."""
+def _accuracy(model, data, reference, heads, positions=None) -> float:
+    """Everything but ``heads`` (layer, head, position name) replaced by its per-position reference mean;
+    with ``positions`` (position names) only there, every other position keeping its own activation."""
     st = Stepper(model.module)
     with torch.no_grad():
         ref = st.trace(reference.tokens.input_ids, reference.tokens.last, record=["z"])
@@ -51,6 +52,11 @@ def _accuracy(model, data, reference, heads) -> float:
             if kind != "z":
                 return None
             out = means[lay][None].expand_as(t).clone()
+            if positions is not None:
+                out = t.clone()
+                for name in positions:
+                    p = data.positions[name]
+                    out[rows, p] = means[lay][p]
             for hl, hh, pos in heads:
                 if hl == lay:
                     p = data.positions[pos]
@@ -93,6 +99,28 @@ def test_useless_heads_are_pruned_and_decisions_follow_the_rule(toy):
     kept = [h for g, hs in circuit.items() for h in hs if got[(g, h[0], h[1])]]
     assert res.f_minimal == pytest.approx(_accuracy(model, data, reference, kept))
     assert [tuple(h) for h in res.minimal["value_fetcher"]] == [(*PLANTED["value_fetcher"], "last")]
+
+
+def test_positions_scope_ablates_only_at_the_candidate_circuits_positions(toy):
+    """Every sub-circuit is ablated at the same positions, those of the whole candidate circuit."""
+    model, data, reference, circuit = toy
+    res = prune(model, data, circuit, reference=reference, scope="positions")
+    nodes = [(g, h) for g, hs in circuit.items() for h in hs]
+    at = sorted({h[2] for _, h in nodes})
+
+    def f(removed):
+        heads = [h for i, (_, h) in enumerate(nodes) if i not in removed]
+        return _accuracy(model, data, reference, heads, positions=at)
+
+    for i, (row, (g, _)) in enumerate(zip(res.heads, nodes, strict=True)):
+        index = {(g2, *x[:2]): j for j, (g2, x) in enumerate(nodes)}
+        partners = [index[(g, *p)] for p in row["partners"]]
+        assert row["f_without_partners"] == pytest.approx(f(set(partners)))
+        assert row["f_without_both"] == pytest.approx(f({*partners, i}))
+    assert res.f_circuit == pytest.approx(f(set()))
+    assert res.scope == "positions" and res.summary()["scope"] == "positions"
+    with pytest.raises(ConfigError, match="scope must be"):
+        prune(model, data, circuit, reference=reference, scope="everywhere")
 
 
 def test_relative_drop_edges():
