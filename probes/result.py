@@ -58,6 +58,11 @@ class ProbeResult(Result):
             raise ConfigError(f"this result has roles {self.roles}, not {role!r}")
         return self.roles.index(role)
 
+    @property
+    def _bounds(self) -> tuple[float, float] | None:
+        """The range intervals are clipped to: an accuracy's [0, 1] (R² has no lower bound)."""
+        return (0.0, 1.0) if self.metric == "accuracy" else None
+
     def _layer(self, layer: int) -> int:
         if layer not in self.layers:
             raise ConfigError(f"this result has layers {self.layers[0]}..{self.layers[-1]}, not {layer}")
@@ -116,7 +121,7 @@ class ProbeResult(Result):
                 vals = col[~col.isnan()]
                 if len(vals) == 0:
                     continue
-                m, lo, hi = mean_ci(vals)
+                m, lo, hi = mean_ci(vals, bounds=self._bounds)
                 rows.append(
                     dict(
                         model=model,
@@ -145,7 +150,7 @@ class ProbeResult(Result):
             best = self.best_layer(role)
             li = self._layer(best)
             vals = self.scores["task"][self._role(role), :, li]
-            m, lo, hi = mean_ci(vals)
+            m, lo, hi = mean_ci(vals, bounds=self._bounds)
             out[f"{role}_best_layer"] = best
             out[f"{role}_best_{self.metric}"] = round(m, 4)
             if len(vals) > 1:

@@ -99,8 +99,11 @@ def ece_rows(
     return gap.abs().sum(-1) / probs.shape[1]
 
 
-def mean_ci(values: list[float] | Tensor, *, z: float = 1.96) -> tuple[float, float, float]:
-    """Mean and a normal-approximation confidence interval (mean ± z·sd/√n) over seeds or items."""
+def mean_ci(
+    values: list[float] | Tensor, *, z: float = 1.96, bounds: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
+    """Mean and a normal-approximation confidence interval (mean ± z·sd/√n) over seeds or items;
+    ``bounds``: the range of the measure (an accuracy's (0, 1)), which the interval is clipped to."""
     v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
     if v.numel() == 0:
         raise ShapeError("mean_ci needs at least one value")
@@ -108,7 +111,10 @@ def mean_ci(values: list[float] | Tensor, *, z: float = 1.96) -> tuple[float, fl
     if v.numel() == 1:
         return mean, mean, mean
     half = z * float(v.std(unbiased=True)) / math.sqrt(v.numel())
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
 
 
 def binomial_ci(p: float, n: int, *, z: float = 1.96) -> tuple[float, float]:

@@ -102,3 +102,9 @@ def test_accuracy_and_intervals():
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     with pytest.raises(ShapeError, match="3 scores but 2 labels"):
         accuracy(torch.ones(3), torch.ones(2))
+
+
+def test_mean_ci_is_clipped_to_the_measures_range():
+    mean, lo, hi = mean_ci([1.0, 1.0, 0.99], bounds=(0.0, 1.0))
+    assert hi == 1.0 and lo < mean < 1.0
+    assert mean_ci([1.0, 1.0, 0.99])[2] > 1.0  # without bounds: the plain normal interval
