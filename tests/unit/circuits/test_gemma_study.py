@@ -79,3 +79,17 @@ def test_settings_are_checked():
         GemmaSettings(circuit_top_k=0)
     with pytest.raises(ConfigError, match="path_contexts"):
         GemmaSettings(path_contexts=0)
+
+
+def test_smollm2_reproduce_runs_the_study_and_the_circuit(pair, tmp_path, monkeypatch):
+    """``circuits.study:reproduce`` (the SmolLM2 reproduction) runs the patching study and the circuit
+    study; here at toy size on the toy pair."""
+    import circuits.gemma_study as gs
+    import circuits.study as study
+
+    monkeypatch.setattr(study, "FULL", SETTINGS.study)
+    monkeypatch.setattr(gs, "GEMMA_FULL", SETTINGS)
+    summary = study.reproduce(pair, tmp_path, progress=lambda _: None)
+    assert set(summary) == {"study", "circuit"}
+    names = {p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("result.json")}
+    assert {"circuits/cmap_sweep_last", "circuit/groups", "circuit/minimality_positions"} <= names
