@@ -30,24 +30,7 @@ def accuracy(pred: Tensor, labels: Tensor) -> float:
 def auroc(scores: Float[Tensor, " batch"], labels: Tensor) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive); ties count one half."""
     _check_same_length(scores, labels, "auroc")
-    labels = labels.bool()
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ShapeError(f"auroc needs both classes, got {n_pos} positive and {n_neg} negative labels")
-    ranks = _average_ranks(scores.double())
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    avg = ends - (counts.double() - 1) / 2
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = avg[inverse]
-    return ranks
+    return float(auroc_rows(scores[None], labels)[0])
 
 
 def ece(probs: Float[Tensor, "batch n_class"], labels: Tensor, *, n_bins: int = 10) -> float:
@@ -55,15 +38,7 @@ def ece(probs: Float[Tensor, "batch n_class"], labels: Tensor, *, n_bins: int = 
     if probs.ndim != 2:
         raise ShapeError(f"ece expects probabilities [batch, n_class], got {tuple(probs.shape)}")
     _check_same_length(probs, labels, "ece")
-    conf, pred = probs.double().max(dim=1)
-    correct = (pred == labels).double()
-    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            total += float(m.double().mean() * (conf[m].mean() - correct[m].mean()).abs())
-    return total
+    return float(ece_rows(probs[None], labels, n_bins=n_bins)[0])
 
 
 def auroc_rows(scores: Float[Tensor, "row batch"], labels: Tensor) -> Float[Tensor, " row"]:
