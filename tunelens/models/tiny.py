@@ -6,6 +6,7 @@ same thing to a tiny model as to SmolLM2, and a tiny model trains in seconds on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,23 +106,38 @@ def induction_batch(token_ids: torch.Tensor, batch: int, half: int, gen: torch.G
 def pretrain_induction(
     model: LlamaForCausalLM, token_ids: torch.Tensor, *, steps: int, seed: int, lr: float = 1e-3
 ) -> list[float]:
-    """Train on repeated random sequences (loss on the repeat): the classic way to grow induction heads."""
+    """Train on repeated random sequences (loss on the repeat): the classic way to grow induction heads.
+    Returns the loss per step."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    predict = torch.zeros(32, dtype=torch.bool)
+    predict[17:] = True  # the repeat, from its second token on
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return induction_batch(token_ids, 64, 16, gen), predict.expand(64, -1)
+
+    return _train_to_copy(model, batch, steps=steps, lr=lr)[0]
+
+
+def _train_to_copy(
+    model: LlamaForCausalLM, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float
+) -> tuple[list[float], list[float]]:
+    """AdamW on the parameters of ``model`` that require grad, cross-entropy on the tokens ``batch()``'s
+    mask marks (``ids``, ``mask``, both ``[batch, pos]``); returns the loss and the accuracy per step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    losses = []
+    losses, accuracy = [], []
     for _ in range(steps):
-        seq = induction_batch(token_ids, 64, 16, gen)
-        logits = model(input_ids=seq).logits[:, 16:-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), seq[:, 17:].reshape(-1)
-        )
+        ids, mask = batch()
+        logits = model(input_ids=ids).logits[:, :-1][mask[:, 1:]]
+        target = ids[:, 1:][mask[:, 1:]]
+        loss = torch.nn.functional.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        accuracy.append(float((logits.argmax(-1) == target).float().mean()))
     model.eval()
-    return losses
+    return losses, accuracy
 
 
 def periodic_batch(
@@ -167,18 +183,4 @@ def train_periodic_induction(
     """Train the parameters of ``model`` that require grad on :func:`periodic_batch` data (loss on the
     predictable positions only); returns the accuracy on those positions per step."""
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    accuracy = []
-    for _ in range(steps):
-        ids, mask = periodic_batch(token_ids, batch, length, gen)
-        logits = model(input_ids=ids).logits[:, :-1][mask[:, 1:]]
-        target = ids[:, 1:][mask[:, 1:]]
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        accuracy.append(float((logits.argmax(-1) == target).float().mean()))
-    model.eval()
-    return accuracy
+    return _train_to_copy(model, lambda: periodic_batch(token_ids, batch, length, gen), steps=steps, lr=lr)[1]
