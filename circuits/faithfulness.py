@@ -99,6 +99,12 @@ def mean_z(model: LoadedModel, reference: Encoded) -> MeanZ:
     return MeanZ(per_pos=torch.stack(per_pos), overall=torch.stack(overall), named=named)
 
 
+def check_scope(scope: str) -> None:
+    """Where everything outside a circuit is ablated: ``"all"`` (the paper's) or ``"positions"``."""
+    if scope not in ("all", "positions"):
+        raise ConfigError(f"scope must be 'all' or 'positions', got {scope!r}")
+
+
 def _keep_masks(
     heads: Sequence[HeadAt],
     data: Encoded,
@@ -303,8 +309,7 @@ def faithfulness(
 
     ``scope="all"`` (the paper's): every head at every position outside the circuit is ablated;
     ``"positions"``: only the heads outside the circuit at the circuit's own positions (a weaker test)."""
-    if scope not in ("all", "positions"):
-        raise ConfigError(f"scope must be 'all' or 'positions', got {scope!r}")
+    check_scope(scope)
     if not groups or not any(groups.values()):
         raise ConfigError("a circuit needs at least one head")
     answers = Answers.from_encoded(data)

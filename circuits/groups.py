@@ -54,6 +54,10 @@ Rank = Literal["negative", "abs"]
 AttrMetric = Literal["log_prob", "logit_diff"]
 
 
+GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+"""One colour per head group, in group order, in every layer × head map."""
+
+
 def head_map_axes(n_layers: int, n_heads: int) -> dict[str, Any]:
     """Plotly layout of a layer × head map: every head a tick, every layer (every other one when deep)."""
     return {
@@ -316,7 +320,7 @@ class HeadGroupsResult(Result):
         import plotly.graph_objects as go
 
         fig = go.Figure()
-        colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+        colours = GROUP_COLOURS
         n = max(len(self.groups), 1)
         for i, s in enumerate(self.steps):
             g = s["name"]

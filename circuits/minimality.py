@@ -26,8 +26,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from circuits.faithfulness import HeadAt, MeanZ, Scope, _keep_masks, ablated_last, mean_z
-from circuits.groups import head_map_axes
+from circuits.faithfulness import HeadAt, MeanZ, Scope, _keep_masks, ablated_last, check_scope, mean_z
+from circuits.groups import GROUP_COLOURS, head_map_axes
 from circuits.metrics import Answers, LastLogits, accuracy, answer_prob
 from tunelens.errors import ConfigError
 from tunelens.results import Result
@@ -126,7 +126,7 @@ class MinimalCircuitResult(Result):
         group; hover shows the relative drop."""
         import plotly.graph_objects as go
 
-        colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+        colours = GROUP_COLOURS
         fig = go.Figure()
         names = list(self.groups)
         for i, g in enumerate(names):
@@ -192,8 +192,7 @@ def prune(
     faithful at the paper's scope (``"all"``)."""
     if metric not in ("accuracy", "prob"):
         raise ConfigError(f"pruning metric must be 'accuracy' or 'prob', got {metric!r}")
-    if scope not in ("all", "positions"):
-        raise ConfigError(f"scope must be 'all' or 'positions', got {scope!r}")
+    check_scope(scope)
     if not 0 <= partner_fraction < 1:
         raise ConfigError(f"partner_fraction must be in [0, 1), got {partner_fraction}")
     if not groups or not any(groups.values()):
