@@ -117,9 +117,9 @@ def run_gemma_study(
         "settings": asdict(settings),
         "zoo_accuracy": _zoo_accuracy(getattr(pair, "name", "")),
     }
-    progress(f"gemma: patching, CMAP sweeps and head groups on {summary['pair'] or 'the pair'}")
+    progress(f"circuits: patching, CMAP sweeps and head groups on {summary['pair'] or 'the pair'}")
     summary["study"] = run_study(pair, settings.study, out / "circuits", progress)
-    progress("gemma: the circuit, its faithfulness in each model, path patching")
+    progress("circuits: the circuit, its faithfulness in each model, path patching")
     summary["circuit"] = run_circuit_study(
         pair,
         out,
@@ -135,7 +135,7 @@ def run_gemma_study(
     )
     summary["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "summary.json", summary)
-    progress(f"gemma: done in {summary['seconds']} s")
+    progress(f"circuits: done in {summary['seconds']} s")
     return summary
 
 

@@ -166,16 +166,10 @@ def reproduce_step(ctx) -> dict:
 def reproduce(pair: Any, out: Path, *, progress: Callable[[str], None] = log.info) -> dict:
     """``tunelens reproduce``: the study at :data:`FULL` size (``out/circuits``), then the circuit at the
     sizes of the Gemma pair's reproduction (``out/circuit``; :data:`circuits.gemma_study.GEMMA_FULL`): the
-    CMAP groups' faithfulness in both models, the paper's four groups by path patching, pruning.
-    ``out`` is the folder the job gives it."""
-    from circuits.circuit_study import run_circuit_study
-    from circuits.gemma_study import GEMMA_FULL as C
+    CMAP groups' faithfulness in both models, the paper's four groups by path patching, pruning. The same
+    runner as the Gemma pair's; ``out`` is the folder the job gives it."""
+    from dataclasses import replace
 
-    out = Path(out)
-    summary = {"study": run_study(pair, FULL, out / "circuits", progress)}
-    summary["circuit"] = run_circuit_study(
-        pair, out, progress, n_contexts=C.circuit_contexts, n_reference=C.circuit_reference,
-        top_k=C.circuit_top_k, n_random=C.circuit_random, seed=FULL.seed, n_pp_contexts=C.path_contexts,
-        n_eval_contexts=C.path_eval_contexts, search=C.search,
-    )  # fmt: skip
-    return summary
+    from circuits.gemma_study import GEMMA_FULL, run_gemma_study
+
+    return run_gemma_study(pair, Path(out), replace(GEMMA_FULL, study=FULL), progress)

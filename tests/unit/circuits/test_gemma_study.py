@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def test_smollm2_reproduce_runs_the_study_and_the_circuit(pair, tmp_path, monkey
     monkeypatch.setattr(study, "FULL", SETTINGS.study)
     monkeypatch.setattr(gs, "GEMMA_FULL", SETTINGS)
     summary = study.reproduce(pair, tmp_path, progress=lambda _: None)
-    assert set(summary) == {"study", "circuit"}
+    assert set(summary) == {"pair", "settings", "zoo_accuracy", "study", "circuit", "seconds"}
+    assert summary["settings"]["study"] == asdict(SETTINGS.study)
     names = {p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("result.json")}
     assert {"circuits/cmap_sweep_last", "circuit/groups", "circuit/minimality_positions"} <= names
