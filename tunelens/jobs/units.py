@@ -89,6 +89,8 @@ def execute(task: Task) -> dict[str, Any]:
             faults.checkpoint(f"unit:start:{unit.id}")
             if unit.kind not in KINDS:
                 raise JobError(f"unit {unit.id}: unknown unit kind {unit.kind!r}; known: {', '.join(KINDS)}")
+            for rel in unit.outputs:  # a fresh job folder has none of the units' subfolders yet
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
             summary = KINDS[unit.kind](unit, root)
         finally:
             torch.set_num_threads(threads)
@@ -254,9 +256,7 @@ def run_zoo(unit: Unit, root: Path) -> dict[str, Any]:
 
     name = unit.params["name"]
     record = zoo.build(name, progress=lambda msg: log.info("%s", msg))
-    dest = root / unit.outputs[0]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dest, record)
+    atomic_write_json(root / unit.outputs[0], record)
     return {k: record[k] for k in ("name", "kind", "gain", "verdict") if k in record}
 
 

@@ -74,10 +74,11 @@ def test_cli_reproduce_unknown_study_is_one_line(tmp_path, capsys):
 
 
 def test_a_zoo_unit_writes_its_record_into_a_fresh_job_folder(tmp_path):
-    """The zoo record goes to ``OUT/zoo/NAME.json``; the folder did not exist before the first unit."""
-    from tunelens.jobs.units import Unit, run_zoo
+    """The zoo record goes to ``OUT/zoo/NAME.json``; the folder did not exist before the first unit (a
+    worker creates the folders of every unit's declared outputs)."""
+    from tunelens.jobs.units import Task, Unit, execute
 
     unit = Unit(id="zoo-tiny", kind="zoo", params={"name": "tiny"}, outputs=("zoo/tiny.json",))
-    summary = run_zoo(unit, tmp_path / "fresh")
+    summary = execute(Task(root=str(tmp_path / "fresh"), unit=unit.to_dict()))["summary"]
     record = json.loads((tmp_path / "fresh" / "zoo" / "tiny.json").read_text())
     assert record["name"] == summary["name"] == "tiny"
