@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from probes.logistic import LinearFit
+from tunelens.threads import one_thread
 
 
 def _objective(z: Tensor, y: Tensor, alpha: Tensor, b: Tensor, lam: float) -> Tensor:
@@ -92,13 +93,8 @@ def _by_layer_chunks(x: Tensor, y: Tensor, *, max_elements: int, **kw) -> Linear
     chunks = [(i, min(i + step, n_layer)) for i in range(0, n_layer, step)]
     run = lambda c: _newton(x[c[0] : c[1]], y[c[0] : c[1]], **kw)
     if threads > 1 and len(chunks) > 1:
-        with _THREADS, ThreadPoolExecutor(threads) as pool:
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                parts = list(pool.map(run, chunks))
-            finally:
-                torch.set_num_threads(before)
+        with _THREADS, ThreadPoolExecutor(threads) as pool, one_thread():
+            parts = list(pool.map(run, chunks))
     else:
         parts = [run(c) for c in chunks]
     if len(parts) == 1:

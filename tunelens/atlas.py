@@ -47,8 +47,7 @@ import math
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -62,6 +61,7 @@ from tunelens.directions import Direction
 from tunelens.errors import ConfigError, PairIncompatibleError, StoreError, TunelensError
 from tunelens.results import Result, load_result, pair_provenance
 from tunelens.sites import Site
+from tunelens.threads import one_thread
 from tunelens.weights import MatrixName, read_matrix
 
 log = logging.getLogger(__name__)
@@ -150,21 +150,6 @@ def residual_matrix(model: Any, layer: int, kind: str) -> Float[Tensor, "d_out d
     return w * _gain(norm, w.shape[1])[None, :]
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread for the duration (restored after).
-
-    The atlas' matrices are small (d_model-sized): a d_model × d_model eigh takes ~0.1 s on one core, but
-    with 2 OpenMP threads on a busy machine it was measured at 1-25 s (threads spin waiting for a core).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _n_computed(k: int, n: int) -> int:
     """How many top eigenpairs are computed for a request of ``k`` (``k`` up to 16: 16; else the next power
     of two), at most ``n``: the numbers of a given ``k`` never depend on what was asked before."""
@@ -177,6 +162,8 @@ def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     from scipy.linalg import eigh
 
     n = gram.shape[0]
+    # a d_model × d_model eigh takes ~0.1 s on one core, but was measured at 1-25 s with 2 OpenMP threads
+    # on a busy machine (threads spin waiting for a core)
     with one_thread():
         evals, evecs = eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
     return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(evecs[:, ::-1].copy())

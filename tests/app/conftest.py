@@ -7,7 +7,6 @@ computed with the analyses' public functions on that pair; each analysis adds it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -18,20 +17,11 @@ from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
 from tunelens.models.tiny import TinyConfig
 from tunelens.results import pair_provenance
+from tunelens.threads import one_thread
 
 ET_PROMPT = "The apple is in Box F . The cup is in Box Q . Box Q contains the"
 TOY_STEPS = 400
 TOY_CONFIG = TinyConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2)  # knob_toy.train_toy's model
-
-
-@contextlib.contextmanager
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def save_pair(pair: ModelPair, root: Path) -> tuple[str, str]:
@@ -61,7 +51,7 @@ def app_pair_dirs(tiny_tok, tmp_path_factory) -> tuple[str, str]:
     from tests.unit.circuits.knob_toy import train_toy
     from tunelens.models.tiny import tiny_llama
 
-    with _one_thread():  # the toy's training depends on float summation order
+    with one_thread():  # the toy's training depends on float summation order
         tuned = train_toy(tiny_tok, steps=TOY_STEPS, seed=0)
     base_module = tiny_llama(TOY_CONFIG, len(tiny_tok.get_vocab()), seed=0)  # train_toy's initial weights
     base = LoadedModel(base_module, tiny_tok, source=ModelSource(kind="memory", location="app-base"))
@@ -162,7 +152,7 @@ def _knob(pair: ModelPair, root: Path) -> None:
     cfg = KnobConfig(
         das=DASConfig(epochs=4, lr=0.05), dose_ts=(-1.0, 2.0), transfer_step=2, n_generate=1, max_new_tokens=2
     )
-    with _one_thread():
+    with one_thread():
         run_knob(pair, cfg, items=items).save(root / "knob")
 
 

@@ -25,6 +25,7 @@ from circuits.path_patching import path_patching
 from tests.unit.circuits.conftest import induction_data, induction_ids
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.tiny import TinyConfig, tiny_llama, train_periodic_induction
+from tunelens.threads import one_thread
 
 PREV, DISTRACTOR = 0, 1  # layer-0 heads
 HALF = 12  # test prompts x1..x12 x1..x11; the answer x12 sits at position HALF - 1
@@ -131,9 +132,7 @@ def test_path_patching_finds_previous_token_to_induction_through_k_only(runs):
 def trained(tiny_tok) -> LoadedModel:
     """Both layers trained, attention only (MLPs zeroed and frozen), 2 query heads sharing 1 KV head;
     1,000 steps, about 25 s on one thread (one thread, so the run does not depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(0)
         hf = tiny_llama(
             TinyConfig(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1), len(tiny_tok.get_vocab()), 0
@@ -142,8 +141,6 @@ def trained(tiny_tok) -> LoadedModel:
             torch.nn.init.zeros_(block.mlp.down_proj.weight)
             block.mlp.requires_grad_(False)
         acc = train_periodic_induction(hf, induction_ids(tiny_tok), steps=1000, seed=0, lr=3e-3)
-    finally:
-        torch.set_num_threads(threads)
     assert sum(acc[-50:]) / 50 > 0.85, "the model did not learn the task"
     return LoadedModel(hf, tiny_tok, source=ModelSource(kind="memory", location="trained-induction"))
 

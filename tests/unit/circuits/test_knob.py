@@ -39,16 +39,15 @@ from tunelens.models.tiny import TinyConfig, tiny_llama
 from tunelens.sites import Site
 from tunelens.tasks.context_knob import ContextKnobConfig, generate
 from tunelens.tasks.facts import Fact
+from tunelens.threads import one_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The toy is trained in seconds; its result depends on float summation order, so pin the thread count
     (the same numbers on a 2-core laptop, a CI box and under OMP_NUM_THREADS=1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
