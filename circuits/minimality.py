@@ -145,12 +145,13 @@ class MinimalCircuitResult(Result):
                     text=[f"L{h['layer']}.H{h['head']} relative drop {h['drop']:.3f}" for h in hs],
                     legendgroup=g,
                 )
+        where = "every position" if self.scope == "all" else "the circuit positions"
         fig.update_layout(
             title=(
                 f"Minimal circuit in {self.model}: {self.metric} {self.f_minimal:.2f} "
-                f"(candidate circuit {self.f_circuit:.2f}, full model {self.f_full:.2f}; ablated at "
-                f"{'every position' if self.scope == 'all' else 'the circuit positions'}); "
-                f"keep a head iff its relative drop ≥ {self.threshold}"
+                f"(candidate circuit {self.f_circuit:.2f}, full model {self.f_full:.2f})<br><sup>"
+                f"the rest ablated at {where}; "
+                f"keep a head iff its relative drop ≥ {self.threshold}</sup>"
             ),
             **head_map_axes(self.n_layers, self.n_heads),
         )
