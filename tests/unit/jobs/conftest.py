@@ -79,8 +79,13 @@ def hidden_entries(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in root.rglob(".*")]
 
 
-def assert_same_outputs(ref: Path, other: Path, atol: float = 1e-6) -> float:
-    """Both job folders hold the same files with the same tensors (<= atol) and JSON; returns max diff."""
+def assert_same_outputs(ref: Path, other: Path, atol: float = 1e-6, rtol: float = 1e-5) -> float:
+    """Both job folders hold the same files with the same tensors and JSON numbers (within ``atol`` plus
+    ``rtol`` of the tensor's or number's magnitude); returns the largest absolute difference.
+
+    Not bit-identical on purpose: a unit run in another process (pool, Ray) may run torch at another thread
+    count, and a fit's float32 rounding then differs; probe weights reach ~3e2, so only a bound relative to
+    the magnitude says "the same result" on every machine."""
     a, b = output_files(ref), output_files(other)
     assert sorted(a) == sorted(b), f"files differ: {sorted(set(a) ^ set(b))}"
     worst = 0.0
@@ -95,21 +100,22 @@ def assert_same_outputs(ref: Path, other: Path, atol: float = 1e-6) -> float:
                 same_nan = torch.equal(x.isnan(), y.isnan())
                 assert same_nan, (rel, k, "NaN pattern differs")
                 diff = (x - y).nan_to_num().abs().max().item() if x.numel() else 0.0
+                scale = x.nan_to_num().abs().max().item() if x.numel() else 0.0
                 worst = max(worst, diff)
-                assert diff <= atol, (rel, k, diff)
+                assert diff <= atol + rtol * scale, (rel, k, diff, scale)
         elif rel.endswith(".json"):
             ja, jb = json.loads(pa.read_text()), json.loads(pb.read_text())
-            assert _close(ja, jb, atol), rel
+            assert _close(ja, jb, atol, rtol), rel
         else:
             assert pa.read_bytes() == pb.read_bytes(), rel
     return worst
 
 
-def _close(a: Any, b: Any, atol: float) -> bool:
+def _close(a: Any, b: Any, atol: float, rtol: float) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], atol) for k in a)
+        return a.keys() == b.keys() and all(_close(a[k], b[k], atol, rtol) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y, atol) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_close(x, y, atol, rtol) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and isinstance(b, float):
-        return (a != a and b != b) or abs(a - b) <= atol
+        return (a != a and b != b) or abs(a - b) <= atol + rtol * max(abs(a), abs(b))
     return a == b

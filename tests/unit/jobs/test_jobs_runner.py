@@ -54,10 +54,23 @@ def test_probe_results_equal_fit_probes_on_directly_captured_activations(finishe
     for kind in ("logistic", "diff_means"):
         direct = fit_probes(x, y, items, ProbeConfig(kind=kind, seed=1, min_test_items=5), layers=[0, 1])
         saved = load_result(spec.output / "probes" / f"{kind}-resid_post-seed1")
+        # Accuracies are step functions of the predictions: equal unless a test row lies within float
+        # rounding of the decision boundary.
         for name in ("task", "control", "shuffled"):
             a, b = direct.scores[name], saved.scores[name]
             assert torch.allclose(a, b, atol=1e-6, equal_nan=True), (kind, name)
-        assert torch.allclose(direct.weight, saved.weight, atol=1e-6)
+        # The fitted models, by what they predict and by their weights relative to their norm. The two fits
+        # see the same activations but reach them by different routes (store round trip, batching), so they
+        # agree to float32 rounding amplified by the fit's conditioning: weights reach ~3e2 here and differ
+        # by up to 1e-4 on some MKL code paths (4e-7 of the largest), where the bounds below are 1e-4. A
+        # chain that fed another layer, site or label set would miss them by orders of magnitude.
+        for r, role in enumerate(direct.roles):
+            for li in range(len(direct.layers)):
+                w_a, w_b = direct.weight[r, li], saved.weight[r, li]
+                assert float((w_a - w_b).norm() / w_a.norm()) < 1e-4, (kind, role, li)
+                f_a = x[role][li] @ w_a + direct.bias[r, li]
+                f_b = x[role][li] @ w_b + saved.bias[r, li]
+                assert float((f_a - f_b).abs().max() / f_a.abs().max()) < 1e-4, (kind, role, li)
         assert saved.pair["base"] == pair.hashes()["base"]
 
 

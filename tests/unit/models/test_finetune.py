@@ -12,8 +12,9 @@ from tunelens.tasks import entity_tracking as et
 def test_last_logits_equal_the_full_forward(arch_model):
     batch = arch_model.encode(ET_PROMPTS)
     full = arch_model.logits(batch)[torch.arange(len(batch)), batch.last]
-    with torch.no_grad():
-        assert torch.allclose(last_logits(arch_model.module, batch), full, atol=1e-6)
+    with torch.no_grad():  # the unembedding of the last rows alone blocks its matmul differently
+        got = last_logits(arch_model.module, batch)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
 
 
 def test_accuracy_matches_a_hand_count(tiny_model):

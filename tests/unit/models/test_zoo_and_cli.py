@@ -34,6 +34,7 @@ def test_switch_pair_equals_merged_model(built):
     plain = zoo.load("tiny")
     batch = pair.base.encode(["The cup is in Box F. The key is in Box Q. Box Q contains the"])
     assert torch.allclose(pair.tuned.logits(batch), merged.logits(batch), atol=1e-5)
+    # adapter off runs only the base layers: the plain model's kernels on its weights
     assert torch.allclose(pair.base.logits(batch), plain.logits(batch), atol=1e-6)
     assert pair.base.content_hash == plain.content_hash != pair.tuned.content_hash
 

@@ -52,6 +52,7 @@ def test_identical_models_transfer_equals_in_model_accuracy_and_cosine_is_one(ru
     res = fit_probes({"base": x, "tuned": x.clone()}, y, items, cfg)
     torch.testing.assert_close(res.transfer["base->tuned"], res.scores["task"][1])
     torch.testing.assert_close(res.transfer["tuned->base"], res.scores["task"][0])
+    # a float32 cosine of a vector with itself: 1 to a few float32 epsilons
     torch.testing.assert_close(res.cosine, torch.ones_like(res.cosine), atol=1e-6, rtol=0)
 
 

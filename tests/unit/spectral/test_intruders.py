@@ -104,6 +104,7 @@ def test_scaling_intruders_removes_the_spike_and_restores(base):
     wt = read_matrix(tuned.module, PLANT)
     with scaled_intruders(tuned, {PLANT: x[:, None]}, 0.0):
         w_mid = read_matrix(tuned.module, PLANT)
+    # the same projection summed in another order; entries are O(0.1), float32 rounding ~1e-8
     torch.testing.assert_close(w_mid, wt - torch.outer(x, x @ wt), atol=1e-6, rtol=0)
     # the spike is gone: what is left of the update is W0's own (small) component along x
     assert float((w_mid - w0).norm()) < 0.2 * float((wt - w0).norm())
