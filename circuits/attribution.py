@@ -15,34 +15,19 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from circuits.metrics import Answers, LastLogits, logit_diff
 from circuits.patching import Run
 from tunelens.errors import ConfigError
 from tunelens.results import Result
+from tunelens.weights import frozen
 
 ATTRIBUTABLE = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "q", "k", "v")
-
-
-@contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """No parameter gradients for the duration (only activations need them)."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
 
 
 def target_gradients(
@@ -66,7 +51,7 @@ def target_gradients(
 
     model = target.model
     tokens = target.tokens
-    with model.active(), _frozen(model.module), torch.enable_grad():
+    with model.active(), frozen(model.module), torch.enable_grad():
         tr = target.stepper.trace(tokens.input_ids, tokens.last, hook=hook)
         metric = logit_diff(LastLogits.from_logits(tr.logits, answers)).mean()
         metric.backward()

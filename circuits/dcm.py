@@ -31,12 +31,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from circuits.attribution import _frozen
 from circuits.patching import Run, check_aligned, trace
 from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result
+from tunelens.weights import frozen
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,7 +228,7 @@ def dcm(
     best: tuple[float, int, Tensor] | None = None
     losses: list[float] = []
     step = 0
-    with model.active(), _frozen(model.module):
+    with model.active(), frozen(model.module):
         for _ in range(config.epochs):
             order = train[torch.randperm(len(train), generator=gen)]
             for b0 in range(0, len(order), config.batch_size):

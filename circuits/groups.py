@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from circuits.attribution import _frozen
 from circuits.metrics import Answers, LastLogits, logit_diff
 from circuits.patching import Run, trace
 from circuits.path_patching import PathPatchingResult, path_patching, receiver_units
@@ -47,6 +46,7 @@ from tunelens.errors import ConfigError, ShapeError
 from tunelens.results import Result
 from tunelens.stepwise import Trace
 from tunelens.tasks.base import Encoded
+from tunelens.weights import frozen
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def path_attribution(
     dims = model.dims
     units = [] if via == "logits" else receiver_units(receivers, via, dims.n_heads, dims.n_kv_heads)
     weights: dict[int, Tensor] = {}
-    with model.active(), _frozen(model.module), torch.enable_grad():
+    with model.active(), frozen(model.module), torch.enable_grad():
         if units:
             probes: dict[int, Tensor] = {}
             layers = {lay for lay, _ in units}

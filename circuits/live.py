@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from circuits.attribution import _frozen, pearson
+from circuits.attribution import pearson
 from circuits.metrics import Answers, LastLogits, logit_diff
 from circuits.patching import Patch, Run, run_cells, trace
 from tunelens.backends.base import TokenBatch
@@ -34,6 +34,7 @@ from tunelens.errors import ConfigError, PromptError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result
 from tunelens.stepwise import Stepper, Trace
+from tunelens.weights import frozen
 
 SITE_KINDS = ("attn_out", "mlp_out", "z")  # candidates for exact patching
 GRAD_KINDS = ("resid_pre", *SITE_KINDS)
@@ -168,7 +169,7 @@ def _grad_run(
         return None
 
     tokens = tokens.to(model.device)
-    with model.active(), _frozen(model.module), torch.enable_grad():
+    with model.active(), frozen(model.module), torch.enable_grad():
         tr = stepper.trace(tokens.input_ids, tokens.last, hook=hook)
         order = tr.logits[0].detach().argsort(descending=True)
         foil = int(order[0]) if int(order[0]) != answer else int(order[1])

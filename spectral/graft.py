@@ -9,12 +9,22 @@ coordinates by ``|τ|``; real scores ``S ~ U[0, 1)``, bias ``b = 10``,
 ``γ = γ_base + (1 − 2γ_base) ⊙ σ(S − b)``; plain gradient steps
 ``S ← S − lr · (1 − 2γ_base) ⊙ ∂L/∂θ|_{θ(γ)} ⊙ τ ⊙ σ'(S − b)`` with the gradient taken *at the grafted
 model*, full batch; after each step the rounded mask is scored on fit + dev accuracy and the best is kept.
-``lr`` is set from the first step (``lr=None``): the ``s·N``-th largest step then has size ``step_size``
-(the reference's hand-tuned ``1e7`` has no meaning across models, spec §3.5).
+``lr`` is set at every step (``lr=None``) so that the ``s·N``-th largest step has size ``step_size``, and
+no score moves more than ``step_clip · step_size`` in one step (the reference's hand-tuned ``1e7`` has no
+meaning across models, spec §3.5). A rate fixed from the first step, where every slope ``σ'`` is ~7.5e-5,
+threw the scores of the coordinates it had moved (slopes up to 0.25 one step later) to ±2.5e5 in the second
+step: γ saturated at exactly 1.0 for millions of coordinates and the relaxation stopped being one.
+
+Rounding keeps the coordinates with γ > 1/2, cut to ``s·N`` by their *margin* (``S − b`` off the base mask,
+``b − S`` on it), which keeps ranking where γ itself has saturated in float32; ties left at the cut are broken
+in a seeded random order, never by position, and counted in the history. (Ranked by γ, the saturated ties
+were cut by ``topk`` in parameter order: the demo's mask was the first saturated coordinates of layers 0-16.)
 
 Baselines at the same number of coordinates: the untrained ``γ_base`` (top-|τ|) and a uniformly random
 mask. Sparsity is a fraction of the *graft set*: by default every linear matrix and norm weight of every
-layer (embeddings and LM head are frozen in the zoo's full fine-tunes; say so when restricting it).
+layer. Embeddings and the LM head join it only when ``kinds`` has ``"embedding"`` (the zoo's full fine-tunes
+freeze them); any parameter that differs outside the graft set, embeddings included, is named in a warning
+and the result's provenance, and the whole graft set grafted is scored beside the tuned model.
 
 Example:
     >>> res = graft(pair, {"entity_tracking": data}, GraftConfig(sparsities=(1e-3,)))  # doctest: +SKIP
@@ -35,21 +45,34 @@ import torch
 from torch import Tensor
 
 from tunelens.errors import ConfigError, PairIncompatibleError, TaskError
-from tunelens.metrics import ece
+from tunelens.metrics import bootstrap_means, ece, percentile_ci
 from tunelens.models.loaded import LoadedModel
 from tunelens.models.pair import ModelPair
 from tunelens.results import Result, pair_provenance
 from tunelens.tasks.base import Dataset, Encoded
-from tunelens.weights import MATRIX_KINDS, functional_forward, matrix_name_of, read_matrix, trainable_params
+from tunelens.weights import (
+    MATRIX_KINDS,
+    frozen,
+    functional_forward,
+    matrix_name_of,
+    read_matrix,
+    trainable_params,
+)
 
 log = logging.getLogger(__name__)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 NORM = "norm"
+EMBEDDING = "embedding"
+KINDS = (*MATRIX_KINDS, NORM, EMBEDDING)
+# |S − b| beyond which a coordinate's γ is saturated: σ' < 4.2e-8, and σ(S − b) rounds to 1.0 in float32
+SATURATED = 17.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class GraftConfig:
-    """Mask training settings. ``kinds`` may hold matrix kinds and ``"norm"``; ``layers`` None = all.
+    """Mask training settings. ``kinds`` may hold matrix kinds, ``"norm"`` and ``"embedding"`` (embeddings
+    and LM head); ``layers`` None = all. ``lr`` None sets the rate at every step so that the ``s·N``-th
+    largest score step is ``step_size``; ``step_clip`` caps any score's step at ``step_clip · step_size``.
 
     ``max_fit`` / ``max_dev`` cap the examples the mask is fitted / selected on (taken from the task's
     *train* split, split by item); the reported accuracies are on the task's test split.
@@ -59,6 +82,7 @@ class GraftConfig:
     steps: int = 10
     lr: float | None = None
     step_size: float = 4.0
+    step_clip: float | None = 2.0
     sigmoid_bias: float = 10.0
     batch_size: int = 32
     max_fit: int = 128
@@ -82,9 +106,11 @@ class GraftConfig:
             raise ConfigError(f"lr must be > 0 or None (automatic), got {self.lr}")
         if not self.step_size > 0 or not self.sigmoid_bias > 0:
             raise ConfigError("step_size and sigmoid_bias must be > 0")
+        if self.step_clip is not None and not self.step_clip > 0:
+            raise ConfigError(f"step_clip must be > 0 or None (unclipped), got {self.step_clip}")
         for k in self.kinds:
-            if k not in (*MATRIX_KINDS, NORM):
-                raise ConfigError(f"unknown kind {k!r}; expected some of {', '.join((*MATRIX_KINDS, NORM))}")
+            if k not in KINDS:
+                raise ConfigError(f"unknown kind {k!r}; expected some of {', '.join(KINDS)}")
 
 
 # ------------------------------------------------------------------------------------- graft space
@@ -116,13 +142,15 @@ def _layer_kind(name: str) -> tuple[int | None, str]:
     mat = matrix_name_of(name)
     if mat is not None:
         return mat.layer, mat.kind
+    if name.rsplit(".", 2)[-2] in ("embed_tokens", "lm_head"):
+        return None, EMBEDDING
     m = _LAYER_RE.search(name)
     return (int(m[1]) if m else None), NORM
 
 
 def _params(model: LoadedModel) -> dict[str, Tensor]:
     """Effective values of the graftable parameters (LoRA updates added for an adapter-on view)."""
-    params = dict(trainable_params(model.module, include_norms=True))
+    params = dict(trainable_params(model.module, include_norms=True, include_embeddings=True))
     if model.adapter is True:
         with model.active() as module:
             for n in params:
@@ -172,20 +200,73 @@ def graft_space(
     )
 
 
-def top_mask(scores: Mapping[str, Tensor], n_keep: int) -> dict[str, Tensor]:
-    """Boolean masks with exactly ``n_keep`` coordinates set: the largest ``scores``, all tensors jointly."""
+def cut_top(
+    scores: Mapping[str, Tensor], n_keep: int, generator: torch.Generator | None = None
+) -> tuple[dict[str, Tensor], int]:
+    """Boolean masks with exactly ``n_keep`` coordinates set: the largest ``scores``, all tensors jointly.
+
+    Coordinates tied at the cut are chosen in a random order from ``generator`` (seed 0 when None), never
+    by their position. Also returns how many coordinates tied at the cut when a tie had to be broken (0 when
+    the cut fell between two values).
+    """
     names = list(scores)
     sizes = [scores[n].numel() for n in names]
     total = sum(sizes)
     if not 0 <= n_keep <= total:
         raise ConfigError(f"cannot keep {n_keep} of {total} coordinates")
     flat = torch.zeros(total, dtype=torch.bool)
+    n_tied = 0
     if n_keep:
-        idx = torch.topk(
-            torch.cat([scores[n].reshape(-1).float() for n in names]), n_keep, sorted=False
-        ).indices
-        flat[idx] = True
-    return {n: part.view_as(scores[n]) for n, part in zip(names, flat.split(sizes), strict=True)}
+        values = torch.cat([scores[n].reshape(-1).float() for n in names])
+        cut = torch.topk(values, n_keep, sorted=False).values.min()
+        torch.gt(values, cut, out=flat)
+        tied = torch.nonzero(values == cut).flatten()
+        need = n_keep - int(flat.sum())
+        if need < len(tied):
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            n_tied = len(tied)
+            tied = tied[torch.randperm(len(tied), generator=gen)[:need]]
+        flat[tied] = True
+    return {n: part.view_as(scores[n]) for n, part in zip(names, flat.split(sizes), strict=True)}, n_tied
+
+
+def top_mask(
+    scores: Mapping[str, Tensor], n_keep: int, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """:func:`cut_top`'s masks alone."""
+    return cut_top(scores, n_keep, generator)[0]
+
+
+def round_mask(
+    scores: Mapping[str, Tensor],
+    base_mask: Mapping[str, Tensor],
+    bias: float,
+    n_keep: int,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """The relaxed mask rounded under ‖γ‖₀ ≤ ``n_keep``: the coordinates with γ > 1/2, cut to the ``n_keep``
+    with the largest margin (``S − b`` off ``base_mask``, ``b − S`` on it; γ > 1/2 iff the margin is > 0).
+
+    The margin, unlike γ = σ(±(S − b)), does not saturate in float32, so it still ranks coordinates whose γ
+    is exactly 1.0. Returns the mask and the number of coordinates tied at the cut (see :func:`cut_top`).
+    """
+    margin = {n: torch.where(base_mask[n], bias - scores[n], scores[n] - bias) for n in scores}
+    on = {n: m.masked_fill(m <= 0, -math.inf) for n, m in margin.items()}
+    cut, n_tied = cut_top(on, n_keep, generator)
+    return {n: cut[n] & (margin[n] > 0) for n in scores}, n_tied
+
+
+def saturated_fraction(
+    scores: Mapping[str, Tensor], bias: float, within: Mapping[str, Tensor] | None = None
+) -> float:
+    """Fraction of coordinates (of those set in ``within``, if given) whose γ has saturated
+    (``|S − b| > SATURATED``): they no longer move, and γ no longer ranks them."""
+    if within is None:
+        n = sum(t.numel() for t in scores.values())
+        return sum(int(((t - bias).abs() > SATURATED).sum()) for t in scores.values()) / max(n, 1)
+    n = sum(int(m.sum()) for m in within.values())
+    hit = sum(int((((scores[k] - bias).abs() > SATURATED) & within[k]).sum()) for k in scores)
+    return hit / max(n, 1)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -212,24 +293,36 @@ def _candidate_logits(logits: Tensor, enc: Encoded) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def evaluate(
-    model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded, *, batch_size: int = 64
-) -> dict[str, float]:
-    """Accuracy restricted to the candidates, its ECE (10 bins, candidate softmax) and the answer loss."""
-    probs, labels, losses = [], [], []
+def _predictions(
+    model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded, batch_size: int
+) -> tuple[Tensor, Tensor, float]:
+    """Candidate probabilities, the answer's candidate index, and the summed answer loss."""
+    probs, labels, loss = [], [], 0.0
     for start in range(0, len(enc), batch_size):
         part = enc.select(slice(start, start + batch_size))
         logits = _forward_last(model, params, part)
         cl, label = _candidate_logits(logits, part)
         probs.append(cl.softmax(-1).double())
         labels.append(label)
-        losses.append(torch.nn.functional.cross_entropy(logits.float(), part.answer_ids, reduction="sum"))
-    p, y = torch.cat(probs), torch.cat(labels)
-    return {
-        "accuracy": float((p.argmax(1) == y).double().mean()),
-        "ece": ece(p, y),
-        "loss": float(sum(losses)) / len(enc),
-    }
+        loss += float(torch.nn.functional.cross_entropy(logits.float(), part.answer_ids, reduction="sum"))
+    return torch.cat(probs), torch.cat(labels), loss
+
+
+def _metrics(p: Tensor, y: Tensor, loss: float) -> dict[str, float]:
+    return {"accuracy": float((p.argmax(1) == y).double().mean()), "ece": ece(p, y), "loss": loss / len(y)}
+
+
+def evaluate(
+    model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded, *, batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy restricted to the candidates, its ECE (10 bins, candidate softmax) and the answer loss."""
+    return _metrics(*_predictions(model, params, enc, batch_size))
+
+
+def _scored(model, params, enc: Encoded) -> tuple[dict[str, float], Tensor]:
+    """:func:`evaluate`'s numbers and the per-example hits (1.0 where the answer wins)."""
+    p, y, loss = _predictions(model, params, enc, 64)
+    return _metrics(p, y, loss), (p.argmax(1) == y).double()
 
 
 # ------------------------------------------------------------------------------------ mask training
@@ -255,20 +348,11 @@ def fit_mask(
     """Learn a rounded mask with about ``sparsity · N`` coordinates (see the module doc)."""
     gen = torch.Generator().manual_seed(config.seed)
     n_keep = max(1, round(sparsity * space.n_params))
-    gb = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep)
+    gb = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep, gen)
     scores = {n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}
     b = config.sigmoid_bias
-    lr = config.lr
     history: list[dict[str, Any]] = []
-
-    def rounded() -> dict[str, Tensor]:
-        """The mask with γ > 1/2, cut to the ``n_keep`` largest γ (the constraint ‖γ‖₀ ≤ s·N)."""
-        gamma = {}
-        for n in space.names:
-            sig = torch.sigmoid(scores[n] - b)
-            gamma[n] = torch.where(gb[n], 1 - sig, sig).masked_fill_(~(gb[n] ^ (scores[n] > b)), -1.0)
-        mask = top_mask(gamma, n_keep)
-        return {n: mask[n] & (gamma[n] > 0.5) for n in space.names}
+    first_lr: float | None = None
 
     def score(mask: dict[str, Tensor]) -> float:
         params = space.grafted(mask)
@@ -276,47 +360,81 @@ def fit_mask(
         return acc + (evaluate(model, params, dev)["accuracy"] if dev is not None else 0.0)
 
     best = (score(gb), {n: m.clone() for n, m in gb.items()})
-    history.append({"step": 0, "selection": best[0], "n_on": n_keep, "loss": float("nan")})
-    for step in range(1, config.steps + 1):
-        t0 = time.perf_counter()
-        theta = {}
-        for n in space.names:
-            sig = torch.sigmoid(scores[n] - b)
-            gamma = torch.where(gb[n], 1 - sig, sig)
-            theta[n] = (space.base[n] + gamma * space.delta[n]).requires_grad_(True)
-        total = 0.0
-        for start in range(0, len(fit), config.batch_size):
-            part = fit.select(slice(start, start + config.batch_size))
-            loss = torch.nn.functional.cross_entropy(
-                _forward_last(model, theta, part).float(), part.answer_ids
-            )
-            (loss * len(part) / len(fit)).backward()
-            total += loss.item() * len(part) / len(fit)
-        with torch.no_grad():
-            upd = {}
-            for n in space.names:  # the chain rule through θ(γ), in the gradient's own buffer
-                sig = torch.sigmoid(scores[n] - b)
-                g = theta[n].grad.mul_(space.delta[n]).mul_(sig.mul_(1 - sig))
-                upd[n] = torch.where(gb[n], g.neg(), g) if bool(gb[n].any()) else g
-            del theta
-            if lr is None:
-                kth = torch.topk(torch.cat([u.abs().reshape(-1) for u in upd.values()]), n_keep).values[-1]
-                lr = config.step_size / max(float(kth), 1e-30)
+    history.append(
+        {
+            "step": 0,
+            "selection": best[0],
+            "n_on": n_keep,
+            "loss": float("nan"),
+            "lr": float("nan"),
+            "saturated": saturated_fraction(scores, b),
+            "saturated_in_mask": saturated_fraction(scores, b, gb),
+            "ties_at_cut": 0,
+        }
+    )
+    with frozen(model.module):  # gradients reach θ(γ) only, never the base model's own parameters
+        for step in range(1, config.steps + 1):
+            t0 = time.perf_counter()
+            theta = {}
             for n in space.names:
-                scores[n].sub_(upd[n], alpha=lr)
-            del upd
-        mask = rounded()
-        n_on = int(sum(int(m.sum()) for m in mask.values()))
-        sel_score = score(mask)
-        history.append({"step": step, "selection": sel_score, "n_on": n_on, "loss": total})
-        if progress is not None:
-            progress(
-                f"graft s={sparsity:g} step {step}/{config.steps}: loss {total:.3f}, fit+dev acc "
-                f"{sel_score:.3f}, {n_on} coords on ({time.perf_counter() - t0:.1f} s)"
+                sig = torch.sigmoid(scores[n] - b)
+                gamma = torch.where(gb[n], 1 - sig, sig)
+                theta[n] = (space.base[n] + gamma * space.delta[n]).requires_grad_(True)
+            total = 0.0
+            for start in range(0, len(fit), config.batch_size):
+                part = fit.select(slice(start, start + config.batch_size))
+                loss = torch.nn.functional.cross_entropy(
+                    _forward_last(model, theta, part).float(), part.answer_ids
+                )
+                (loss * len(part) / len(fit)).backward()
+                total += loss.item() * len(part) / len(fit)
+            with torch.no_grad():
+                upd = {}
+                for n in space.names:  # the chain rule through θ(γ), in the gradient's own buffer
+                    sig = torch.sigmoid(scores[n] - b)
+                    g = theta[n].grad.mul_(space.delta[n]).mul_(sig.mul_(1 - sig))
+                    upd[n] = torch.where(gb[n], g.neg(), g) if bool(gb[n].any()) else g
+                del theta
+                lr = config.lr
+                if lr is None:
+                    kth = torch.topk(torch.cat([u.abs().reshape(-1) for u in upd.values()]), n_keep).values[
+                        -1
+                    ]
+                    lr = config.step_size / max(float(kth), 1e-30)
+                first_lr = lr if first_lr is None else first_lr
+                clip = None if config.step_clip is None else config.step_clip * config.step_size
+                for n in space.names:
+                    step_n = upd[n].mul_(lr)
+                    if clip is not None:
+                        step_n.clamp_(-clip, clip)
+                    scores[n].sub_(step_n)
+                del upd
+            mask, n_tied = round_mask(scores, gb, b, n_keep, gen)
+            n_on = int(sum(int(m.sum()) for m in mask.values()))
+            sel_score = score(mask)
+            saturated = saturated_fraction(scores, b)
+            saturated_in_mask = saturated_fraction(scores, b, mask)
+            history.append(
+                {
+                    "step": step,
+                    "selection": sel_score,
+                    "n_on": n_on,
+                    "loss": total,
+                    "lr": lr,
+                    "saturated": saturated,
+                    "saturated_in_mask": saturated_in_mask,
+                    "ties_at_cut": n_tied,
+                }
             )
-        if sel_score > best[0]:
-            best = (sel_score, {n: m.clone() for n, m in mask.items()})
-    return _Fit(mask=best[1], history=history, lr=float(lr))
+            if progress is not None:
+                progress(
+                    f"graft s={sparsity:g} step {step}/{config.steps}: loss {total:.3f}, fit+dev acc "
+                    f"{sel_score:.3f}, {n_on} coords on ({saturated_in_mask:.1%} of them saturated), "
+                    f"{n_tied} tied at the cut ({time.perf_counter() - t0:.1f} s)"
+                )
+            if sel_score > best[0]:
+                best = (sel_score, {n: m.clone() for n, m in mask.items()})
+    return _Fit(mask=best[1], history=history, lr=float(first_lr if first_lr is not None else math.nan))
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -347,6 +465,7 @@ class GraftResult(Result):
     param_sizes: Tensor
     masks: dict
     provenance: dict = field(default_factory=dict)
+    comparisons: Any = None  # method differences with intervals (None in results saved before they existed)
 
     def to_frame(self):
         return self.curve
@@ -361,10 +480,23 @@ class GraftResult(Result):
                     "ece": round(float(ref.loc[(task, m), "ece"]), 3),
                 }
             for _, row in self.curve[(self.curve.task == task)].iterrows():
-                out[f"{row.method}@{row.sparsity:g}[{task}]"] = {
+                entry = {
                     "accuracy": round(float(row.accuracy), 3),
                     "ece": round(float(row.ece), 3),
                     "recovered": None if math.isnan(row.recovered) else round(float(row.recovered), 3),
+                }
+                for k in ("accuracy", "recovered"):
+                    if f"{k}_lo" in row and not math.isnan(row[f"{k}_lo"]):
+                        entry[f"{k}_ci"] = [round(float(row[f"{k}_lo"]), 3), round(float(row[f"{k}_hi"]), 3)]
+                out[f"{row.method}@{row.sparsity:g}[{task}]"] = entry
+        if self.comparisons is not None and len(self.comparisons):
+            for r in self.comparisons.itertuples():
+                out[f"{r.comparison}@{r.sparsity:g}[{r.task}]"] = {
+                    "difference": round(float(r.difference), 3),
+                    "ci": [round(float(r.lo), 3), round(float(r.hi), 3)],
+                    "separated": bool(r.separated),
+                    "n_items": int(r.n_items),
+                    "n_groups": int(r.n_groups),
                 }
         if self.overlap is not None and len(self.overlap):
             for _, row in self.overlap.iterrows():
@@ -375,15 +507,22 @@ class GraftResult(Result):
                 }
         return out
 
-    def figure(self, view: Literal["curve", "ece", "layers", "overlap"] = "curve", task: str | None = None):
+    def figure(
+        self, view: Literal["curve", "ece", "layers", "steps", "overlap"] = "curve", task: str | None = None
+    ):
         """``curve``: accuracy vs sparsity for graft, top-|τ| and random masks, with base/tuned lines;
         ``ece``: calibration of base, tuned and grafts; ``layers``: grafted coordinates per layer and kind;
-        ``overlap``: mask overlap between tasks."""
+        ``steps``: the mask training, selection accuracy (fit + dev) and the fraction of saturated scores
+        per step; ``overlap``: mask overlap between tasks."""
         import plotly.express as px
 
         task = task or self.tasks[0]
         if view == "curve":
-            df = self.curve[self.curve.task == task]
+            df = self.curve[self.curve.task == task].copy()
+            bars = {}
+            if "accuracy_lo" in df:  # 95 % cluster-bootstrap intervals over the test items
+                df["err_hi"], df["err_lo"] = df.accuracy_hi - df.accuracy, df.accuracy - df.accuracy_lo
+                bars = {"error_y": "err_hi", "error_y_minus": "err_lo"}
             fig = px.line(
                 df,
                 x="sparsity",
@@ -392,7 +531,9 @@ class GraftResult(Result):
                 markers=True,
                 log_x=True,
                 labels={"sparsity": "fraction of graft-set parameters grafted", "accuracy": "test accuracy"},
-                title=f"Grafting {task}: accuracy vs sparsity",
+                title=f"Grafting {task}: accuracy vs sparsity"
+                + ("<br><sup>bars: 95 % bootstrap intervals over test items</sup>" if bars else ""),
+                **bars,
             )
             ref = self.reference[self.reference.task == task].set_index("model").accuracy
             fig.add_hline(y=float(ref["tuned"]), line_dash="dash", annotation_text="fine-tuned")
@@ -423,6 +564,34 @@ class GraftResult(Result):
                 labels={"n_grafted": "grafted coordinates", "layer": "layer"},
                 title=f"Where the {task} graft lives",
             )
+        if view == "steps":
+            from plotly.subplots import make_subplots
+
+            df = self.history[self.history.task == task]
+            fig = make_subplots(
+                rows=1,
+                cols=2,
+                subplot_titles=("selection accuracy (fit + dev, max 2)", "saturated scores (|S − b| > 17)"),
+            )
+            for s, part in df.groupby("sparsity"):
+                part = part.sort_values("step")
+                fig.add_scatter(
+                    x=part.step, y=part.selection, name=f"s={s:g}", legendgroup=str(s), row=1, col=1
+                )
+                if "saturated" in part:
+                    fig.add_scatter(
+                        x=part.step,
+                        y=part.saturated,
+                        name=f"s={s:g}",
+                        legendgroup=str(s),
+                        showlegend=False,
+                        row=1,
+                        col=2,
+                    )
+            fig.update_xaxes(title_text="step")
+            fig.update_yaxes(title_text="fraction of the graft set", row=1, col=2)
+            fig.update_layout(title=f"Mask training on {task}")
+            return fig
         if view == "overlap":
             if self.overlap is None or not len(self.overlap):
                 raise ConfigError("this result has one task; overlaps need a multi-task graft")
@@ -442,7 +611,7 @@ class GraftResult(Result):
                 labels={"overlap": "|γ_a ∧ γ_b| / min(|γ_a|, |γ_b|)", "sparsity": "sparsity"},
                 title="Overlap of the task masks (learned vs random)",
             )
-        raise ConfigError(f"unknown view {view!r}; expected curve, ece, layers or overlap")
+        raise ConfigError(f"unknown view {view!r}; expected curve, ece, layers, steps or overlap")
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -461,6 +630,56 @@ def _prepare(data: Mapping[str, Dataset], tokenizer, config: GraftConfig, task: 
         (dev.encode(tokenizer) if dev is not None else None),
         data[test_key].encode(tokenizer),
     )
+
+
+def _test_split(data: Mapping[str, Dataset]) -> Dataset:
+    return data["test"] if "test" in data else next(v for k, v in data.items() if k.startswith("test"))
+
+
+N_BOOT = 2000
+METHODS = ("graft", "top_abs", "random")
+
+
+def _intervals(
+    hits: Mapping[tuple[str, str], Tensor],
+    task: str,
+    sparsity: float,
+    groups: list[str],
+    curve: list[dict[str, Any]],
+    seed: int,
+) -> list[dict[str, Any]]:
+    """95 % cluster-bootstrap intervals (over the test items' ``item_id``: for entity tracking, its worlds)
+    of each method's accuracy and recovered fraction, written into its ``curve`` row, and the differences
+    between the methods, returned as rows. All share one set of draws."""
+    keys = ["base", "tuned", *(f"{m}@{sparsity:g}" for m in METHODS)]
+    means = bootstrap_means(torch.stack([hits[(task, k)] for k in keys]), groups, n_boot=N_BOOT, seed=seed)
+    col = {k: means[:, i] for i, k in enumerate(keys)}
+    gap = col["tuned"] - col["base"]
+    for row in curve:
+        if row["task"] == task and row["sparsity"] == sparsity:
+            acc = col[f"{row['method']}@{sparsity:g}"]
+            row["accuracy_lo"], row["accuracy_hi"] = percentile_ci(acc)
+            ratio = (acc - col["base"]) / gap.where(gap.abs() > 1e-9, torch.tensor(math.nan, dtype=gap.dtype))
+            row["recovered_lo"], row["recovered_hi"] = percentile_ci(ratio)
+    rows = []
+    for a, b in (("graft", "top_abs"), ("graft", "random"), ("top_abs", "random")):
+        d = col[f"{a}@{sparsity:g}"] - col[f"{b}@{sparsity:g}"]
+        lo, hi = percentile_ci(d)
+        point = float(hits[(task, f"{a}@{sparsity:g}")].mean() - hits[(task, f"{b}@{sparsity:g}")].mean())
+        rows.append(
+            {
+                "task": task,
+                "sparsity": sparsity,
+                "comparison": f"{a} - {b}",
+                "difference": point,
+                "lo": lo,
+                "hi": hi,
+                "separated": bool(lo > 0 or hi < 0),
+                "n_items": len(groups),
+                "n_groups": len(set(groups)),
+            }
+        )
+    return rows
 
 
 def _layer_rows(space: GraftSpace, mask: Mapping[str, Tensor], task: str, sparsity: float) -> list[dict]:
@@ -518,12 +737,15 @@ def graft(
     model = pair.base
     enc = {t: _prepare(d, pair.tokenizer, config, t) for t, d in tasks.items()}
     gen = torch.Generator().manual_seed(config.seed + 1)
-    reference, curve, layer_rows, history, cross = [], [], [], [], []
+    reference, curve, layer_rows, history, cross, comparisons = [], [], [], [], [], []
     masks: dict[str, Tensor] = {}
     learned: dict[tuple[str, float], dict[str, Tensor]] = {}
+    hits: dict[tuple[str, str], Tensor] = {}  # (task, model or method@sparsity) -> per-test-example hits
+    groups = {t: [e.item_id for e in _test_split(d)] for t, d in tasks.items()}
     for t, (_, _, test) in enc.items():
-        reference.append({"task": t, "model": "base", **evaluate(pair.base, None, test)})
-        reference.append({"task": t, "model": "tuned", **evaluate(pair.tuned, None, test)})
+        for role, m in (("base", pair.base), ("tuned", pair.tuned)):
+            metrics, hits[(t, role)] = _scored(m, None, test)
+            reference.append({"task": t, "model": role, **metrics})
         if space.outside_differ:  # the whole graft set grafted: what a restricted set can reach at most
             all_on = space.grafted(space.full_mask(True))
             reference.append({"task": t, "model": "graft_set_all", **evaluate(model, all_on, test)})
@@ -531,18 +753,21 @@ def graft(
     ref = pd.DataFrame(reference).set_index(["task", "model"])
     for s in config.sparsities:
         n_keep = max(1, round(s * space.n_params))
-        top = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep)
+        # the same draw as fit_mask's γ_base, so top_abs *is* the learned mask's starting point
+        top = top_mask(
+            {n: space.delta[n].abs() for n in space.names}, n_keep, torch.Generator().manual_seed(config.seed)
+        )
         rand = top_mask({n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}, n_keep)
         for t, (fit, dev, test) in enc.items():
             say(f"graft: task {t}, sparsity {s:g} ({n_keep:,} coordinates)")
             res = fit_mask(model, space, fit, dev, s, config, progress=say)
             learned[(t, s)] = res.mask
             masks[f"{t}@{s:g}"] = _flat_indices(space, res.mask)
-            history += [{"task": t, "sparsity": s, "lr": res.lr, **h} for h in res.history]
+            history += [{"task": t, "sparsity": s, **h} for h in res.history]
             layer_rows += _layer_rows(space, res.mask, t, s)
             base_acc, tuned_acc = ref.loc[(t, "base"), "accuracy"], ref.loc[(t, "tuned"), "accuracy"]
             for method, mask in (("graft", res.mask), ("top_abs", top), ("random", rand)):
-                m = evaluate(model, space.grafted(mask), test)
+                m, hits[(t, f"{method}@{s:g}")] = _scored(model, space.grafted(mask), test)
                 n_on = int(sum(int(x.sum()) for x in mask.values()))
                 gain = tuned_acc - base_acc
                 curve.append(
@@ -555,6 +780,7 @@ def graft(
                         "recovered": (m["accuracy"] - base_acc) / gain if abs(gain) > 1e-9 else math.nan,
                     }
                 )
+            comparisons += _intervals(hits, t, s, groups[t], curve, config.seed)
     overlap = []
     names = list(tasks)
     for s in config.sparsities:
@@ -594,6 +820,7 @@ def graft(
         history=pd.DataFrame(history),
         overlap=pd.DataFrame(overlap),
         cross=pd.DataFrame(cross),
+        comparisons=pd.DataFrame(comparisons),
         param_names=tuple(space.names),
         param_sizes=torch.tensor([space.base[n].numel() for n in space.names]),
         masks=masks,
@@ -602,6 +829,7 @@ def graft(
             "graft_set": f"{len(space.names)} tensors, {space.n_params} parameters, kinds {config.kinds}, "
             f"layers {'all' if config.layers is None else config.layers}",
             "outside_graft_set_differing": len(space.outside_differ),
+            "outside_graft_set_differing_names": space.outside_differ[:20],
             "n_fit": {t: len(e[0]) for t, e in enc.items()},
             "n_dev": {t: (len(e[1]) if e[1] is not None else 0) for t, e in enc.items()},
             "n_test": {t: len(e[2]) for t, e in enc.items()},
@@ -610,12 +838,16 @@ def graft(
 
 
 __all__ = [
+    "KINDS",
     "GraftConfig",
     "GraftResult",
     "GraftSpace",
+    "cut_top",
     "evaluate",
     "fit_mask",
     "graft",
     "graft_space",
+    "round_mask",
+    "saturated_fraction",
     "top_mask",
 ]

@@ -100,3 +100,55 @@ def binomial_ci(p: float, n: int, *, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return centre - half, centre + half
+
+
+def bootstrap_means(
+    values: Float[Tensor, "stat item"],
+    groups: list[str] | None = None,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Float[Tensor, "boot stat"]:
+    """Means of each row of ``values`` over ``n_boot`` resamples of the items (columns), drawn with
+    replacement; with ``groups`` (one label per item), whole groups are drawn (a cluster bootstrap: for
+    entity tracking, all queries of one world together, as they are not independent).
+
+    Every row is resampled with the *same* draws, so a statistic of several rows (a difference, a ratio)
+    keeps their correlation. Returns ``[n_boot, n_rows]`` float64.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.dim() == 1:
+        v = v[None]
+    if v.dim() != 2 or v.shape[1] == 0:
+        raise ShapeError(f"bootstrap_means expects values [stat, item] with items, got {tuple(v.shape)}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ShapeError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if groups is None:
+        index = torch.arange(v.shape[1])
+    else:
+        if len(groups) != v.shape[1]:
+            raise ShapeError(f"groups has {len(groups)} labels for {v.shape[1]} items")
+        names = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        index = torch.tensor([names[g] for g in groups])
+    n_groups = int(index.max()) + 1
+    sums = torch.zeros(v.shape[0], n_groups, dtype=torch.float64).index_add_(1, index, v)
+    sizes = torch.zeros(n_groups, dtype=torch.float64).index_add_(
+        0, index, torch.ones(v.shape[1], dtype=torch.float64)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_groups, (n_boot, n_groups), generator=gen)
+    counts = torch.zeros(n_boot, n_groups, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_boot, n_groups, dtype=torch.float64)
+    )
+    return (counts @ sums.T) / (counts @ sizes)[:, None]
+
+
+def percentile_ci(samples: Tensor, *, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``samples`` (NaNs, a ratio over a zero gap, dropped)."""
+    s = torch.as_tensor(samples, dtype=torch.float64).reshape(-1)
+    s = s[~s.isnan()]
+    if s.numel() == 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    q = torch.quantile(s, torch.tensor([a, 1 - a], dtype=torch.float64))
+    return float(q[0]), float(q[1])

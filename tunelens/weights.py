@@ -205,6 +205,21 @@ def swapped_matrices(model: nn.Module, values: Mapping[MatrixName, Tensor]) -> I
                 weights[name].copy_(original)
 
 
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No parameter of ``module`` requires gradients for the duration (restored after, also after an error):
+    gradients then reach only the tensors a caller passes in (activations, a mask, a graft's θ(γ))."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
 def trainable_params(
     model: nn.Module, *, include_embeddings: bool = False, include_norms: bool = False
 ) -> dict[str, Tensor]:

@@ -109,3 +109,30 @@ def test_mean_ci_is_clipped_to_the_measures_range():
     mean, lo, hi = mean_ci([1.0, 1.0, 0.99], bounds=(0.0, 1.0))
     assert hi == 1.0 and lo < mean < 1.0
     assert mean_ci([1.0, 1.0, 0.99])[2] > 1.0  # without bounds: the plain normal interval
+
+
+def test_bootstrap_means_against_scipy_and_by_cluster():
+    """Percentile intervals of the mean against scipy's bootstrap (another RNG: Monte-Carlo tolerance);
+    resampling whole clusters widens the interval when items within a cluster agree."""
+    from scipy.stats import bootstrap
+
+    from tunelens.metrics import bootstrap_means, percentile_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.binomial(1, 0.6, size=200).astype(float)
+    ours = percentile_ci(bootstrap_means(torch.tensor(x)[None], n_boot=20000, seed=1)[:, 0])
+    ref = bootstrap((x,), np.mean, n_resamples=20000, method="percentile", random_state=2).confidence_interval
+    assert abs(ours[0] - ref.low) < 0.01 and abs(ours[1] - ref.high) < 0.01
+    # rows share the draws: the difference of two identical rows is exactly zero in every resample
+    both = bootstrap_means(torch.tensor(np.stack([x, x])), n_boot=500)
+    assert torch.equal(both[:, 0], both[:, 1])
+    # 20 clusters of 10 identical items: as uncertain as 20 items, not 200
+    cl = np.repeat(rng.binomial(1, 0.6, size=20).astype(float), 10)
+    groups = [f"w{i // 10}" for i in range(200)]
+    lo_c, hi_c = percentile_ci(bootstrap_means(torch.tensor(cl)[None], groups, n_boot=20000)[:, 0])
+    lo_i, hi_i = percentile_ci(bootstrap_means(torch.tensor(cl)[None], n_boot=20000)[:, 0])
+    ref20 = bootstrap((cl[::10],), np.mean, n_resamples=20000, method="percentile", random_state=3)
+    assert abs((hi_c - lo_c) - (ref20.confidence_interval.high - ref20.confidence_interval.low)) < 0.03
+    assert hi_c - lo_c > 2.5 * (hi_i - lo_i)
+    with pytest.raises(ShapeError):
+        bootstrap_means(torch.ones(1, 3), ["a", "b"])
