@@ -13,6 +13,18 @@
 5. transfer: the tuned model's direction in the base (and the base's difference of means in the tuned
    model), swept over layers, with the AUROC of ``uᵀh`` between intents in each model.
 
+Every steering effect (:mod:`circuits.knob_effects`) is reported beside random unit directions set to
+the same set-points and with a 95 % bootstrap interval over items. The headline set-points are the
+calibrated class means (``t = 0`` and ``1``: ``uᵀh`` as on prior- and context-intent prompts); the
+overshoot set-points (one class separation beyond each mean) are a separate, named row.
+
+Names: ``mean_prior`` / ``mean_context`` are the class means of ``uᵀh`` (:class:`Calibration`);
+``setpoint_prior`` / ``setpoint_context`` are the values ``uᵀh`` is *set to*, ``c(t) = mean_prior +
+t (mean_context − mean_prior)`` at the row's ``t_prior`` / ``t_context``.
+
+A model whose answers do not follow the instructions on the sweep's items has no switch to localise: its
+layer curve is marked undefined (``follows_intent`` below one half), not plotted as a finding.
+
 Example:
     >>> from tunelens.models import zoo                                   # doctest: +SKIP
     >>> result = run_knob(zoo.load_pair("smollm2-knob"), KnobConfig())    # doctest: +SKIP
@@ -24,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -41,9 +53,10 @@ from circuits.knob_das import (
     train_das,
 )
 from circuits.knob_data import KnobItems, heldout_items
+from circuits.knob_effects import steering_effect
 from circuits.knob_layers import Patcher, choose_layer, lens_curve, lower_bound, prefix_sweep
 from circuits.knob_runs import candidate_logits, picks_context
-from circuits.steering import Calibration, calibrate, dose_response, steer, steered_choices, with_layer
+from circuits.steering import calibrate, dose_response, steer, with_layer
 from tunelens.directions import Direction
 from tunelens.errors import ConfigError
 from tunelens.results import Result, pair_provenance
@@ -65,7 +78,10 @@ class KnobConfig:
     das: DASConfig = field(default_factory=DASConfig)
     dose_ts: tuple[float, ...] = (-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0)
     dose_fmts: tuple[str, ...] = ("none", "context", "prior")
-    effect_ts: tuple[float, float] = (-1.0, 2.0)
+    effect_ts: tuple[float, float] = (0.0, 1.0)
+    overshoot_ts: tuple[float, float] | None = (-1.0, 2.0)
+    n_random: int = 5
+    refine: bool = True
     transfer_step: int = 3
     n_transfer: int | None = None
     n_generate: int = 3
@@ -89,9 +105,15 @@ class KnobConfig:
         bad = [f for f in self.dose_fmts if f not in ("none", "context", "prior")]
         if bad or not self.dose_fmts:
             raise ConfigError(f"dose_fmts must be among 'none', 'context', 'prior', got {self.dose_fmts}")
-        if len(self.effect_ts) != 2 or self.effect_ts[0] >= self.effect_ts[1]:
+        for name in ("effect_ts", "overshoot_ts"):
+            ts = getattr(self, name)
+            if ts is None and name == "overshoot_ts":
+                continue
+            if len(ts) != 2 or not all(math.isfinite(t) for t in ts) or ts[0] >= ts[1]:
+                raise ConfigError(f"{name} must be (t_prior, t_context) with t_prior < t_context, got {ts}")
+        if isinstance(self.n_random, bool) or not isinstance(self.n_random, int) or self.n_random < 0:
             raise ConfigError(
-                f"effect_ts must be (t_prior, t_context) with t_prior < t_context, got {self.effect_ts}"
+                f"n_random must be an integer >= 0 (random control directions), got {self.n_random}"
             )
 
 
@@ -104,10 +126,12 @@ DEMO = KnobConfig(
     dose_fmts=("none",),
     transfer_step=15,
     n_transfer=8,
+    n_random=3,
     n_generate=1,
     max_new_tokens=6,
 )
-"""Reduced settings for ``tunelens demo`` (a few minutes on 2 CPU cores)."""
+"""Reduced settings for ``tunelens demo`` (a few minutes on 2 CPU cores). The layer grid has a step of 5,
+refined to single layers between the last grid layer below the rule and the first that meets it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +173,7 @@ class KnobResult(Result):
         cal = {
             f"auroc_{r.model}_{r.direction}": round(float(r.auroc), 3) for r in self.calibration.itertuples()
         }
-        eff = self.transfer
+        eff = self.effects("means") if "setpoints" in self.transfer else self.transfer
         best = {}
         for role in ROLES:
             part = eff[(eff.model == role) & (eff.direction == "tuned DAS")]
@@ -157,7 +181,28 @@ class KnobResult(Result):
                 top = part.loc[part.effect.idxmax()]
                 best[f"transfer_{role}_best_layer"] = int(top.layer)
                 best[f"transfer_{role}_best_effect"] = round(float(top.effect), 3)
-        at_l = eff[(eff.layer == self.knob_layer) & (eff.direction == "tuned DAS")]
+        steering: dict[str, Any] = {}
+        for name in ("means", "overshoot"):
+            rows = self.effects(name)
+            rows = rows[(rows.layer == self.knob_layer) & (rows.direction == "tuned DAS")]
+            tag = "" if name == "means" else "_overshoot"
+            for r in rows.itertuples():
+                key = f"steer_effect{tag}_{r.model}"
+                steering[key] = round(float(r.effect), 3)
+                if hasattr(r, "effect_lo"):
+                    steering[f"{key}_ci"] = [round(r.effect_lo, 3), round(r.effect_hi, 3)]
+                    steering[f"{key}_random"] = {
+                        "mean": round(r.control_effect_mean, 3),
+                        "max": round(r.control_effect_max, 3),
+                        "n": int(r.n_controls),
+                    }
+                    steering[f"{key}_specific"] = bool(r.specific)
+        curve = self.layer_curve
+        defined = (
+            {f"layer_curve_defined_{m}": bool(curve[curve.model == m].defined.all()) for m in ROLES}
+            if "defined" in curve
+            else {}
+        )
         return {
             "knob_layer": self.knob_layer,
             "layer_rule_met": self.layer_rule_met,
@@ -166,12 +211,21 @@ class KnobResult(Result):
             **{f"interchange_{k}": round(v, 3) for k, v in self.interchange.items()},
             "cosine_das_diff_of_means": round(self.direction.cosine(self.baseline), 3),
             **cal,
-            **{f"steer_effect_{r.model}": round(float(r.effect), 3) for r in at_l.itertuples()},
+            **steering,
             **best,
+            **defined,
+            "layer_grid_step": self.config.get("layer_step"),
             "n_test_pairs": self.n_items["test"],
             "n_confident_train": self.n_items["das_train"],
             "n_confident_val": self.n_items["das_val"],
         }
+
+    def effects(self, setpoints: str = "means") -> pd.DataFrame:
+        """The transfer table's rows at one set of set-points (``means``: the headline; ``overshoot``).
+        Results saved before set-points were named hold only overshoot rows (t = −1 and 2)."""
+        if "setpoints" not in self.transfer:
+            return self.transfer if setpoints == "overshoot" else self.transfer.iloc[0:0]
+        return self.transfer[self.transfer.setpoints == setpoints]
 
     def figure(self, view: Literal["layers", "lens", "dose", "transfer"] = "layers"):
         """``layers``: switch rate by patched layer, both models; ``lens``: logit-lens switch by read
@@ -182,8 +236,14 @@ class KnobResult(Result):
 
         if view == "layers":
             fig = go.Figure()
+            undefined = []
             for role in ROLES:
                 part = self.layer_curve[(self.layer_curve.model == role) & (self.layer_curve.upper >= 0)]
+                if "defined" in part and len(part) and not bool(part.defined.all()):
+                    undefined.append(
+                        f"{role} (follows the instructions on {part.follows_intent.iloc[0]:.0%})"
+                    )
+                    continue  # no switch to localise: its rates are not a finding
                 for setting, dash in (("CP", "solid"), ("PC", "dash")):
                     fig.add_scatter(
                         x=part.upper,
@@ -202,6 +262,16 @@ class KnobResult(Result):
                 yaxis_title="switch rate (fraction of items)",
                 yaxis_range=[-0.02, 1.02],
             )
+            if undefined:
+                fig.add_annotation(
+                    text="undefined, not drawn: " + "; ".join(undefined) + " — it answers alike under both",
+                    xref="paper",
+                    yref="paper",
+                    x=0,
+                    y=-0.18,
+                    showarrow=False,
+                    align="left",
+                )
             return fig
         if view == "lens":
             fig = go.Figure()
@@ -265,12 +335,24 @@ class KnobResult(Result):
                 rows=1,
                 cols=2,
                 subplot_titles=[
-                    "steering effect: context rate at c_context − at c_prior (tuned set-points)",
+                    "steering effect at the class means (tuned model's set-points), 95 % CI",
                     "AUROC of uᵀh, intent context vs prior",
                 ],
             )
+            rows = self.effects("means")
+            if not len(rows):  # a result saved before the headline moved to the means
+                rows = self.effects("overshoot")
             for role in ROLES:
-                part = self.transfer[(self.transfer.model == role) & (self.transfer.direction == "tuned DAS")]
+                part = rows[(rows.model == role) & (rows.direction == "tuned DAS")]
+                bars = {}
+                if "effect_lo" in part:
+                    bars = dict(
+                        error_y=dict(
+                            type="data",
+                            array=(part.effect_hi - part.effect).tolist(),
+                            arrayminus=(part.effect - part.effect_lo).tolist(),
+                        )
+                    )
                 fig.add_scatter(
                     x=part.layer,
                     y=part.effect,
@@ -279,7 +361,18 @@ class KnobResult(Result):
                     line=dict(color=COLORS[role]),
                     row=1,
                     col=1,
+                    **bars,
                 )
+                if "control_effect_max" in part:
+                    fig.add_scatter(
+                        x=part.layer,
+                        y=part.control_effect_max,
+                        mode="lines",
+                        name=f"{role}: random directions (max)",
+                        line=dict(color=COLORS[role], dash="dot"),
+                        row=1,
+                        col=1,
+                    )
                 fig.add_scatter(
                     x=part.layer,
                     y=part.auroc,
@@ -296,6 +389,7 @@ class KnobResult(Result):
             fig.update_yaxes(title_text="AUROC", range=[0, 1], row=1, col=2)
             fig.update_layout(
                 title="Transfer: the tuned model's DAS direction, moved along the layers, in both models"
+                "<br><sup>dotted: the largest effect of random unit directions at the same set-points</sup>"
             )
             return fig
         raise ConfigError(f"view must be 'layers', 'lens', 'dose' or 'transfer', got {view!r}")
@@ -318,33 +412,6 @@ def intent_accuracy(model, items: KnobItems, batch_size: int = 32) -> dict[str, 
         "context_accuracy": float(ctx.float().mean()),
         "prior_accuracy": float(pri.float().mean()),
         "n_pairs": len(items),
-    }
-
-
-def steer_effect(
-    model,
-    direction: Direction,
-    items: KnobItems,
-    ts: Sequence[float],
-    *,
-    source: Calibration,
-    own: Calibration,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Context-answer rate of ``items``' instruction-free prompts steered to ``c(t_prior)`` and
-    ``c(t_context)`` read off ``source`` (the calibration in the model the direction was found in, as the
-    paper carries fixed set-points across models), their difference (the effect), and the AUROC of
-    ``uᵀh`` between intents in ``model`` itself (``own``)."""
-    lo, hi = source.grid(ts)
-    r_lo = float(steered_choices(model, direction, items, "none", lo, batch_size).float().mean())
-    r_hi = float(steered_choices(model, direction, items, "none", hi, batch_size).float().mean())
-    return {
-        "auroc": own.auroc,
-        "c_prior": lo,
-        "c_context": hi,
-        "rate_at_c_prior": r_lo,
-        "rate_at_c_context": r_hi,
-        "effect": r_hi - r_lo,
     }
 
 
@@ -379,12 +446,23 @@ def run_knob(
 
     say(f"knob: layer sweep (every {cfg.layer_step} layers) on {len(das_train)} confident items, both models")
     grid = sorted(set(range(0, n_layers, cfg.layer_step)) | {n_layers - 1})
-    curve_rows, patchers = [], {}
+    curve_rows, patchers, follows = [], {}, {}
     for role, m in models.items():
         patchers[role] = Patcher(m, das_train, bs)
+        follows[role] = intent_accuracy(m, das_train, bs)["pair_accuracy"]
         curve_rows += [{"model": role, **r} for r in prefix_sweep(patchers[role], grid)]
-    tuned_rows = [r for r in curve_rows if r["model"] == "tuned"]
-    layer, rule_met = choose_layer(tuned_rows, cfg.threshold)
+    layer, rule_met = choose_layer([r for r in curve_rows if r["model"] == "tuned"], cfg.threshold)
+    below = max((g for g in grid if g < layer), default=-1)
+    if cfg.refine and rule_met and layer - below > 1:  # the grid's step: refine to single layers
+        say(f"knob: refining the sweep between layers {below} and {layer}")
+        for role in ROLES:
+            extra = prefix_sweep(patchers[role], range(below + 1, layer))[1:]  # [0] is the unpatched run
+            curve_rows += [{"model": role, **r} for r in extra]
+        curve_rows.sort(key=lambda r: (ROLES.index(r["model"]), r["upper"]))
+        layer, rule_met = choose_layer([r for r in curve_rows if r["model"] == "tuned"], cfg.threshold)
+    for r in curve_rows:
+        r["follows_intent"] = follows[r["model"]]
+        r["defined"] = follows[r["model"]] >= 0.5
     lower, lower_runs = lower_bound(patchers["tuned"], layer, cfg.threshold)
     say(f"knob: layer {layer} (rule met: {rule_met}); attention writes the intent in layers {lower}..{layer}")
     lens_rows = [
@@ -437,33 +515,44 @@ def run_knob(
             t = math.nan if math.isnan(r["c"]) else cfg.dose_ts[cs.index(r["c"])]
             dose_rows.append({"model": role, "direction": dname, "t": t, **r})
 
-    say(f"knob: transfer sweep (every {cfg.transfer_step} layers) of the tuned knob in both models")
+    say(
+        f"knob: transfer sweep (every {cfg.transfer_step} layers) of the tuned knob in both models, each "
+        f"effect beside {cfg.n_random} random directions"
+    )
     layers = sorted(set(range(0, n_layers, cfg.transfer_step)) | {layer})
     cal_t, test_t = knob.head(cfg.n_transfer), test.head(cfg.n_transfer)
+    setpoint_sets = {"means": cfg.effect_ts} | ({"overshoot": cfg.overshoot_ts} if cfg.overshoot_ts else {})
+
+    def effect_rows(m, d, source, own, base_row: dict) -> list[dict]:
+        """One row per set of set-points, read off ``source`` (the calibration in the model the direction
+        was found in, as the paper carries fixed set-points across models); AUROC from ``own``."""
+        return [
+            {
+                **base_row,
+                "setpoints": name,
+                "t_prior": ts[0],
+                "t_context": ts[1],
+                "auroc": own.auroc,
+                **steering_effect(
+                    m, d, test_t, tuple(source.grid(ts)), n_random=cfg.n_random, seed=cfg.seed, batch_size=bs
+                ),
+            }
+            for name, ts in setpoint_sets.items()
+        ]
+
     transfer_rows = []
     for ell in layers:
         moved = with_layer(u, ell)
         own = {role: calibrate(m, moved, cal_t, bs) for role, m in models.items()}
         for role, m in models.items():
-            eff = steer_effect(
-                m, moved, test_t, cfg.effect_ts, source=own["tuned"], own=own[role], batch_size=bs
-            )
-            transfer_rows.append({"model": role, "direction": "tuned DAS", "layer": ell, **eff})
-    transfer_rows.append(
-        {
-            "model": "tuned",
-            "direction": "base diff-of-means",
-            "layer": layer,
-            **steer_effect(
-                pair.tuned,
-                base_dom,
-                test_t,
-                cfg.effect_ts,
-                source=cals[("base", "base diff-of-means")],
-                own=cals[("tuned", "base diff-of-means")],
-                batch_size=bs,
-            ),
-        }
+            row = {"model": role, "direction": "tuned DAS", "layer": ell}
+            transfer_rows += effect_rows(m, moved, own["tuned"], own[role], row)
+    transfer_rows += effect_rows(
+        pair.tuned,
+        base_dom,
+        cals[("base", "base diff-of-means")],
+        cals[("tuned", "base diff-of-means")],
+        {"model": "tuned", "direction": "base diff-of-means", "layer": layer},
     )
 
     say("knob: generated text with and without the knob")
@@ -479,8 +568,10 @@ def run_knob(
                     "prior_answer": test.answers[i][0],
                     "context_answer": test.answers[i][1],
                     "unsteered": m.generate(prompt, max_new_tokens=cfg.max_new_tokens),
-                    "c_prior": steer(m, u, prompt, lo, cfg.max_new_tokens),
-                    "c_context": steer(m, u, prompt, hi, cfg.max_new_tokens),
+                    "t_prior": cfg.effect_ts[0],
+                    "t_context": cfg.effect_ts[1],
+                    "steered_to_setpoint_prior": steer(m, u, prompt, lo, cfg.max_new_tokens),
+                    "steered_to_setpoint_context": steer(m, u, prompt, hi, cfg.max_new_tokens),
                 }
             )
 

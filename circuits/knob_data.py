@@ -169,20 +169,42 @@ def _none_prompt(example: Example) -> str:
 # --- the held-out items of the zoo's knob fine-tune -----------------------------------------------------
 
 
-def _cache_file(base_hash: str, seed: int) -> Path:
-    key = hashlib.sha256(f"{base_hash}:{seed}".encode()).hexdigest()[:16]
+def _cache_key(base, recipe_seed: int) -> str:
+    """Everything the held-out set depends on: the base model's weights and tokenizer (which facts it
+    knows, which answers are one token), the recipe's seed, and the code and data that generate and split
+    the items (the facts table, the templates, the split, the tokenizer filter)."""
+    import inspect
+
+    from tunelens.models import zoo
+    from tunelens.tasks import base as tasks_base
+    from tunelens.tasks import context_knob, facts, knowledge
+
+    h = hashlib.sha256(f"{base.content_hash}:{recipe_seed}".encode())
+    vocab = base.tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items())).encode())
+    for module in (context_knob, facts, knowledge, tasks_base):
+        h.update(inspect.getsource(module).encode())
+    h.update(inspect.getsource(zoo.recipe_data).encode())
+    data_dir = Path(facts.__file__).parent / "data"
+    for f in sorted(data_dir.rglob("*")) if data_dir.is_dir() else []:
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(key: str) -> Path:
     return data_home() / "cache" / "knob" / f"heldout-{key}.json"
 
 
-def heldout_dataset(base, *, seed: int = 0, recipe_seed: int = 0) -> Dataset:
+def heldout_dataset(base, *, recipe_seed: int = 0) -> Dataset:
     """The context-knob examples the zoo's ``smollm2-knob-lora`` never trained on (its ``knob`` + ``test``).
 
     Computing the recipe asks the base model which facts it knows (about 40 s on a CPU); the result is
-    cached on disk keyed by the base model's content hash.
+    cached on disk, keyed by everything it depends on (:func:`_cache_key`).
     """
     from tunelens.models import zoo
 
-    path = _cache_file(base.content_hash, recipe_seed)
+    path = _cache_file(_cache_key(base, recipe_seed))
     if path.is_file():
         doc = json.loads(path.read_text())
         return Dataset(

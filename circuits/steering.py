@@ -60,7 +60,7 @@ def check_c(c: float | Tensor) -> Tensor:
     except (TypeError, ValueError, RuntimeError):
         raise ConfigError(f"c must be a finite number (or a tensor of them), got {c!r}") from None
     if not torch.isfinite(t).all():
-        raise ConfigError(f"c must be finite, got {c!r}; pick it from calibrate(...), e.g. c_context")
+        raise ConfigError(f"c must be finite, got {c!r}; pick it from calibrate(...).grid(...)")
     return t
 
 
@@ -94,7 +94,7 @@ def projections(
 
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
-    """The distribution of ``uᵀh`` per intent, and the two set-points read off it."""
+    """The distribution of ``uᵀh`` per intent (its class means), from which set-points are read."""
 
     mean_context: float
     mean_prior: float
@@ -103,16 +103,9 @@ class Calibration:
     auroc: float
     """AUROC of ``uᵀh`` for intent context vs prior (0.5 = no separation; 1 or 0 = perfect, sign aside)."""
 
-    @property
-    def c_context(self) -> float:
-        return self.mean_context
-
-    @property
-    def c_prior(self) -> float:
-        return self.mean_prior
-
     def grid(self, ts: Sequence[float]) -> list[float]:
-        """``c = c_prior + t (c_context − c_prior)`` for each ``t`` (0 = prior mean, 1 = context mean)."""
+        """Set-points ``c = mean_prior + t (mean_context − mean_prior)`` for each ``t`` (0 = the prior class
+        mean, 1 = the context class mean)."""
         return [self.mean_prior + t * (self.mean_context - self.mean_prior) for t in ts]
 
 

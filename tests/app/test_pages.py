@@ -123,13 +123,16 @@ def test_knob_views_and_live_steering(monkeypatch, app_results, app_pair_dirs, a
 def test_skills_views_and_tasks_change_the_figure(monkeypatch, app_results, app_pair_dirs):
     at = open_app(monkeypatch, app_results, app_pair_dirs, "skills")
     view, task = at.selectbox(key="w:skills/graft:view"), at.selectbox(key="w:skills/graft:task")
-    assert view.options == ["curve", "ece", "layers", "overlap"] and task.options == ["context", "prior"]
+    assert view.options == ["curve", "ece", "layers", "steps", "overlap"] and task.options == [
+        "context",
+        "prior",
+    ]
     curve = charts(at)[0]
     assert {t["name"] for t in curve["data"]} == {"graft", "top_abs", "random"}
     task.set_value("prior").run()
     prior = charts(at)[0]
     assert "prior" in prior["layout"]["title"]["text"] and prior["data"] != curve["data"]
-    for v in ("ece", "layers", "overlap"):
+    for v in ("ece", "layers", "steps", "overlap"):
         at.selectbox(key="w:skills/graft:view").set_value(v).run()
         assert not at.exception and not at.error, texts(at.error)
         assert charts(at)[0]["data"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.knob import intent_accuracy, steer_effect
+from circuits.knob import intent_accuracy
 from circuits.knob_das import confident, mean_direction
 from circuits.knob_data import heldout_items
+from circuits.knob_effects import steering_effect
 from circuits.knob_layers import Patcher, choose_layer, prefix_sweep
 from circuits.steering import calibrate, steer
 from tunelens.backends.hooks import count_hooks
@@ -45,9 +46,10 @@ def test_knob_layer_and_difference_of_means_steer_the_tuned_model(pair, items):
     layer, _ = choose_layer(rows, 0.8)
     d = mean_direction(pair.tuned, knob, layer)
     cal = calibrate(pair.tuned, d, knob)
-    effect = steer_effect(pair.tuned, d, items["test"].head(12), (-1.0, 2.0), source=cal, own=cal)
-    assert effect["auroc"] >= 0.9
+    assert cal.auroc >= 0.9
+    effect = steering_effect(pair.tuned, d, items["test"].head(12), tuple(cal.grid((-1.0, 2.0))), n_random=2)
     assert effect["effect"] >= 0.5
+    assert effect["effect"] > effect["control_effect_max"]  # beyond random directions at the same set-points
     prompt = items["test"].prompts("none")[0]
     lo, hi = cal.grid((-1.0, 2.0))
     assert steer(pair.tuned, d, prompt, lo, 4) != steer(pair.tuned, d, prompt, hi, 4)

@@ -227,6 +227,32 @@ def test_run_knob_end_to_end_and_reload_steers_identically(toy, tiny_tok, tmp_pa
     assert steer(toy, loaded.direction, prompt, 4.0, 3) == steer(toy, result.direction, prompt, 4.0, 3)
     a = steered_choices(toy, loaded.direction, items["test"], "prior", 4.0)
     assert torch.equal(a, steered_choices(toy, result.direction, items["test"], "prior", 4.0))
+    # the untrained base answers alike under both instructions: its layer curve is undefined, not drawn
+    assert s["layer_curve_defined_tuned"] and not s["layer_curve_defined_base"]
+    assert "undefined" in result.figure("layers").layout.annotations[-1].text
+    assert {t.name.split(":")[0] for t in result.figure("layers").data} == {"tuned"}
+    # every effect: headline at the class means, overshoot beside it, both with a control and an interval
+    tr = result.transfer
+    assert set(tr.setpoints) == {"means", "overshoot"}
+    assert (tr.effect_lo <= tr.effect + 1e-12).all() and (tr.effect <= tr.effect_hi + 1e-12).all()
+    assert (tr.n_controls == cfg.n_random).all()
+    head = result.effects("means")
+    row = head[(head.model == "tuned") & (head.layer == result.knob_layer) & (head.direction == "tuned DAS")]
+    row = row.iloc[0]
+    assert (row.t_prior, row.t_context) == (0.0, 1.0) and s["steer_effect_tuned"] == round(row.effect, 3)
+    cal = calibrate(toy, result.direction, items["knob"])  # the set-points are the tuned class means
+    assert row.setpoint_prior == pytest.approx(cal.mean_prior, rel=1e-5, abs=1e-5)
+    assert row.setpoint_context == pytest.approx(cal.mean_context, rel=1e-5, abs=1e-5)
+    controls = []  # the control, independently: random unit directions set to the same set-points
+    for k in range(cfg.n_random):
+        rnd = random_direction(toy, result.knob_layer, seed=cfg.seed + 1 + k)
+        lo = steered_choices(toy, rnd, items["test"], "none", row.setpoint_prior).double().mean()
+        hi = steered_choices(toy, rnd, items["test"], "none", row.setpoint_context).double().mean()
+        controls.append(float(hi - lo))
+    assert row.control_effect_max == pytest.approx(max(controls), abs=1e-9)
+    assert row.control_effect_mean == pytest.approx(sum(controls) / len(controls), abs=1e-9)
+    assert row.specific == (row.effect_lo > max(controls))
+    assert s["steer_effect_tuned_random"]["n"] == cfg.n_random and "steer_effect_overshoot_tuned" in s
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -281,3 +307,27 @@ def test_config_is_validated():
         KnobConfig(dose_fmts=("sideways",))
     with pytest.raises(ConfigError, match="epochs"):
         DASConfig(epochs=0)
+    with pytest.raises(ConfigError, match="overshoot_ts"):
+        KnobConfig(overshoot_ts=(2.0, -1.0))
+    with pytest.raises(ConfigError, match="n_random"):
+        KnobConfig(n_random=-1)
+    assert KnobConfig(overshoot_ts=None, n_random=0).effect_ts == (0.0, 1.0)  # the headline: class means
+
+
+def test_the_heldout_cache_key_covers_what_the_set_depends_on(toy, tiny_tok, monkeypatch):
+    import inspect
+
+    from circuits import knob_data
+    from tunelens.tasks import facts
+
+    key = knob_data._cache_key(toy, 0)
+    assert key == knob_data._cache_key(toy, 0)
+    assert key != knob_data._cache_key(toy, 1)  # the recipe's seed
+    other = LoadedModel(toy.module, toy.tokenizer, source=ModelSource(kind="memory", location="x"), name="x")
+    monkeypatch.setattr(type(other), "content_hash", property(lambda self: "another-model"))
+    assert knob_data._cache_key(other, 0) != key  # the base model's weights
+    monkeypatch.undo()
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("# changed" if obj is facts else ""))
+    assert knob_data._cache_key(toy, 0) != key  # the facts code (templates, table reader, split)
+    assert "seed" not in inspect.signature(knob_data.heldout_dataset).parameters

@@ -130,7 +130,29 @@ def test_graft_bad_config_and_data(graft_pair):
         GraftConfig(sparsities=(0.0,))
     with pytest.raises(ConfigError, match="unknown kind"):
         GraftConfig(kinds=("attn",))
+    with pytest.raises(ConfigError, match="step_clip"):
+        GraftConfig(step_clip=0.0)
     with pytest.raises(TaskError, match="train"):
         graft(graft_pair, {"a": {"test": et.generate(et.EntityTrackingConfig(n_contexts=2), seed=0)}})
     with pytest.raises(ConfigError, match="empty"):
         graft_space(graft_pair.base, graft_pair.tuned, layers=(7,))
+
+
+def test_differing_embeddings_are_named_outside_the_graft_set_or_grafted_when_asked(graft_pair):
+    import copy
+
+    from tunelens.models.loaded import LoadedModel, ModelSource
+
+    module = copy.deepcopy(graft_pair.tuned.module)
+    with torch.no_grad():
+        module.get_input_embeddings().weight.add_(0.01)
+    tuned = LoadedModel(
+        module, graft_pair.tokenizer, source=ModelSource(kind="memory", location="e"), name="e"
+    )
+    space = graft_space(graft_pair.base, tuned)
+    emb = [n for n in space.outside_differ if "embed_tokens" in n]
+    assert emb and not any("embed_tokens" in n for n in space.names)
+    with_emb = graft_space(
+        graft_pair.base, tuned, kinds=("q", "k", "v", "o", "gate", "up", "down", "norm", "embedding")
+    )
+    assert emb[0] in with_emb.names and with_emb.outside_differ == []
