@@ -10,10 +10,13 @@ coordinates by ``|τ|``; real scores ``S ~ U[0, 1)``, bias ``b = 10``,
 ``S ← S − lr · (1 − 2γ_base) ⊙ ∂L/∂θ|_{θ(γ)} ⊙ τ ⊙ σ'(S − b)`` with the gradient taken *at the grafted
 model*, full batch; after each step the rounded mask is scored on fit + dev accuracy and the best is kept.
 ``lr`` is set at every step (``lr=None``) so that the ``s·N``-th largest step has size ``step_size``, and
-no score moves more than ``step_clip · step_size`` in one step (the reference's hand-tuned ``1e7`` has no
-meaning across models, spec §3.5). A rate fixed from the first step, where every slope ``σ'`` is ~7.5e-5,
-threw the scores of the coordinates it had moved (slopes up to 0.25 one step later) to ±2.5e5 in the second
-step: γ saturated at exactly 1.0 for millions of coordinates and the relaxation stopped being one.
+no score moves more than ``step_clip · step_size`` in one step. By default ``step_size = 1.5 b / steps``: a
+coordinate pushed at that rate crosses γ = 1/2 after two thirds of the step budget, the strongest ones
+(clipped) after a third: "some σ(S − b) cross 0.5 within the step budget" (spec §3.5; the reference's
+hand-tuned ``1e7`` has no meaning across models). A rate fixed from the first step, where every slope
+``σ'`` is ~7.5e-5, threw the scores of the coordinates it had moved (slopes up to 0.25 one step later)
+to ±2.5e5 in the second step: γ saturated at exactly 1.0 for millions of coordinates and the relaxation
+stopped being one.
 
 Rounding keeps the coordinates with γ > 1/2, cut to ``s·N`` by their *margin* (``S − b`` off the base mask,
 ``b − S`` on it), which keeps ranking where γ itself has saturated in float32; ties left at the cut are broken
@@ -72,7 +75,8 @@ SATURATED = 17.0
 class GraftConfig:
     """Mask training settings. ``kinds`` may hold matrix kinds, ``"norm"`` and ``"embedding"`` (embeddings
     and LM head); ``layers`` None = all. ``lr`` None sets the rate at every step so that the ``s·N``-th
-    largest score step is ``step_size``; ``step_clip`` caps any score's step at ``step_clip · step_size``.
+    largest score step is ``step_size`` (None: ``1.5 · sigmoid_bias / steps``); ``step_clip`` caps any
+    score's step at ``step_clip · step_size``.
 
     ``max_fit`` / ``max_dev`` cap the examples the mask is fitted / selected on (taken from the task's
     *train* split, split by item); the reported accuracies are on the task's test split.
@@ -81,7 +85,7 @@ class GraftConfig:
     sparsities: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     steps: int = 10
     lr: float | None = None
-    step_size: float = 4.0
+    step_size: float | None = None
     step_clip: float | None = 2.0
     sigmoid_bias: float = 10.0
     batch_size: int = 32
@@ -104,8 +108,8 @@ class GraftConfig:
             )
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0 or None (automatic), got {self.lr}")
-        if not self.step_size > 0 or not self.sigmoid_bias > 0:
-            raise ConfigError("step_size and sigmoid_bias must be > 0")
+        if (self.step_size is not None and not self.step_size > 0) or not self.sigmoid_bias > 0:
+            raise ConfigError("step_size (or None: automatic) and sigmoid_bias must be > 0")
         if self.step_clip is not None and not self.step_clip > 0:
             raise ConfigError(f"step_clip must be > 0 or None (unclipped), got {self.step_clip}")
         for k in self.kinds:
@@ -351,6 +355,7 @@ def fit_mask(
     gb = top_mask({n: space.delta[n].abs() for n in space.names}, n_keep, gen)
     scores = {n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}
     b = config.sigmoid_bias
+    step_size = config.step_size if config.step_size is not None else 1.5 * b / config.steps
     history: list[dict[str, Any]] = []
     first_lr: float | None = None
 
@@ -400,9 +405,9 @@ def fit_mask(
                     kth = torch.topk(torch.cat([u.abs().reshape(-1) for u in upd.values()]), n_keep).values[
                         -1
                     ]
-                    lr = config.step_size / max(float(kth), 1e-30)
+                    lr = step_size / max(float(kth), 1e-30)
                 first_lr = lr if first_lr is None else first_lr
-                clip = None if config.step_clip is None else config.step_clip * config.step_size
+                clip = None if config.step_clip is None else config.step_clip * step_size
                 for n in space.names:
                     step_n = upd[n].mul_(lr)
                     if clip is not None:
