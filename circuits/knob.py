@@ -54,7 +54,7 @@ from circuits.knob_das import (
 )
 from circuits.knob_data import KnobItems, heldout_items
 from circuits.knob_effects import steering_effect
-from circuits.knob_layers import Patcher, choose_layer, lens_curve, lower_bound, prefix_sweep
+from circuits.knob_layers import Patcher, lens_curve, lower_bound, sweep_layers
 from circuits.knob_runs import candidate_logits, picks_context
 from circuits.steering import calibrate, dose_response, steer, with_layer
 from tunelens.directions import Direction
@@ -445,21 +445,11 @@ def run_knob(
         )
 
     say(f"knob: layer sweep (every {cfg.layer_step} layers) on {len(das_train)} confident items, both models")
-    grid = sorted(set(range(0, n_layers, cfg.layer_step)) | {n_layers - 1})
-    curve_rows, patchers, follows = [], {}, {}
-    for role, m in models.items():
-        patchers[role] = Patcher(m, das_train, bs)
-        follows[role] = intent_accuracy(m, das_train, bs)["pair_accuracy"]
-        curve_rows += [{"model": role, **r} for r in prefix_sweep(patchers[role], grid)]
-    layer, rule_met = choose_layer([r for r in curve_rows if r["model"] == "tuned"], cfg.threshold)
-    below = max((g for g in grid if g < layer), default=-1)
-    if cfg.refine and rule_met and layer - below > 1:  # the grid's step: refine to single layers
-        say(f"knob: refining the sweep between layers {below} and {layer}")
-        for role in ROLES:
-            extra = prefix_sweep(patchers[role], range(below + 1, layer))[1:]  # [0] is the unpatched run
-            curve_rows += [{"model": role, **r} for r in extra]
-        curve_rows.sort(key=lambda r: (ROLES.index(r["model"]), r["upper"]))
-        layer, rule_met = choose_layer([r for r in curve_rows if r["model"] == "tuned"], cfg.threshold)
+    patchers = {role: Patcher(m, das_train, bs) for role, m in models.items()}
+    follows = {role: intent_accuracy(m, das_train, bs)["pair_accuracy"] for role, m in models.items()}
+    curve_rows, layer, rule_met = sweep_layers(
+        patchers, "tuned", n_layers, cfg.layer_step, cfg.threshold, refine=cfg.refine
+    )
     for r in curve_rows:
         r["follows_intent"] = follows[r["model"]]
         r["defined"] = follows[r["model"]] >= 0.5

@@ -23,8 +23,9 @@ All runs go through ``Backend.run`` with ``replace`` writes on ``attn_out`` at e
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -141,6 +142,40 @@ def choose_layer(rows: Sequence[dict[str, float]], threshold: float) -> tuple[in
             return int(r["upper"]), True
     best = max(swept, key=lambda r: r["mean"])
     return int(best["upper"]), False
+
+
+def sweep_layers(
+    patchers: Mapping[str, Patcher],
+    choose_on: str,
+    n_layers: int,
+    step: int,
+    threshold: float,
+    *,
+    refine: bool = True,
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """:func:`prefix_sweep` of every patcher (rows gain ``model``) on a grid of ``step`` layers (and the last
+    layer), the layer :func:`choose_layer` picks on ``choose_on``'s rows, and whether the rule was met.
+
+    With ``refine`` and a grid step above one, the layers between the last grid layer below the choice and
+    the choice are swept too, so the layer is exact: on a grid of 5, "layer 20" would otherwise mean
+    "somewhere in 16-20".
+    """
+    grid = sorted(set(range(0, n_layers, step)) | {n_layers - 1})
+    rows = [{"model": role, **r} for role, p in patchers.items() for r in prefix_sweep(p, grid)]
+
+    def choose() -> tuple[int, bool]:
+        return choose_layer([r for r in rows if r["model"] == choose_on], threshold)
+
+    layer, met = choose()
+    below = max((g for g in grid if g < layer), default=-1)
+    if refine and met and layer - below > 1:
+        log.info("knob: refining the layer sweep between layers %d and %d", below, layer)
+        for role, p in patchers.items():
+            rows += [{"model": role, **r} for r in prefix_sweep(p, range(below + 1, layer))[1:]]
+        order = list(patchers)
+        rows.sort(key=lambda r: (order.index(r["model"]), r["upper"]))
+        layer, met = choose()
+    return rows, layer, met
 
 
 def lower_bound(patcher: Patcher, upper: int, threshold: float) -> tuple[int, list[dict[str, float]]]:

@@ -331,3 +331,29 @@ def test_the_heldout_cache_key_covers_what_the_set_depends_on(toy, tiny_tok, mon
     monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("# changed" if obj is facts else ""))
     assert knob_data._cache_key(toy, 0) != key  # the facts code (templates, table reader, split)
     assert "seed" not in inspect.signature(knob_data.heldout_dataset).parameters
+
+
+class _StepPatcher:
+    """A patcher whose items all switch once layers 0..7 are patched (a known knob layer, 7), recording
+    what it was asked to run. The search logic is what is under test here; the patching is tested above."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def switch_rate(self, layers):
+        self.runs.append(max(layers, default=-1))
+        rate = 1.0 if layers and max(layers) >= 7 else 0.0
+        return {"CP": rate, "PC": rate, "mean": rate}
+
+
+def test_a_coarse_layer_grid_is_refined_to_the_exact_layer():
+    from circuits.knob_layers import sweep_layers
+
+    p = {"tuned": _StepPatcher(), "base": _StepPatcher()}
+    rows, layer, met = sweep_layers(p, "tuned", 12, 5, 0.8)
+    assert (layer, met) == (7, True)  # not 10, the grid's first layer past the rule
+    assert sorted(set(p["tuned"].runs)) == [-1, 0, 5, 6, 7, 8, 9, 10, 11]
+    ups = [r["upper"] for r in rows if r["model"] == "base"]
+    assert ups == sorted(ups) and 6.0 in ups  # both models' curves carry the refined layers, in order
+    coarse = sweep_layers({"tuned": _StepPatcher()}, "tuned", 12, 5, 0.8, refine=False)
+    assert coarse[1] == 10
