@@ -262,15 +262,12 @@ class KnobResult(Result):
                 yaxis_title="switch rate (fraction of items)",
                 yaxis_range=[-0.02, 1.02],
             )
-            if undefined:
-                fig.add_annotation(
-                    text="undefined, not drawn: " + "; ".join(undefined) + " — it answers alike under both",
-                    xref="paper",
-                    yref="paper",
-                    x=0,
-                    y=-0.18,
-                    showarrow=False,
-                    align="left",
+            if undefined:  # said in the title, where it cannot cover an axis
+                fig.update_layout(
+                    title=fig.layout.title.text
+                    + "<br><sup>undefined, not drawn: "
+                    + "; ".join(undefined)
+                    + ", it answers alike under both instructions</sup>"
                 )
             return fig
         if view == "lens":

@@ -570,31 +570,30 @@ class GraftResult(Result):
                 title=f"Where the {task} graft lives",
             )
         if view == "steps":
+            import plotly.express as px
             from plotly.subplots import make_subplots
 
             df = self.history[self.history.task == task]
+            sat = "saturated_in_mask" if "saturated_in_mask" in df else "saturated"
             fig = make_subplots(
                 rows=1,
                 cols=2,
-                subplot_titles=("selection accuracy (fit + dev, max 2)", "saturated scores (|S − b| > 17)"),
+                subplot_titles=(
+                    "selection accuracy (fit + dev, max 2)",
+                    "saturated scores (|S − b| > 17)"
+                    + (" among the mask's coordinates" if sat == "saturated_in_mask" else ""),
+                ),
             )
-            for s, part in df.groupby("sparsity"):
+            palette = px.colors.qualitative.Plotly
+            for i, (s, part) in enumerate(df.groupby("sparsity")):
                 part = part.sort_values("step")
-                fig.add_scatter(
-                    x=part.step, y=part.selection, name=f"s={s:g}", legendgroup=str(s), row=1, col=1
-                )
-                if "saturated" in part:
-                    fig.add_scatter(
-                        x=part.step,
-                        y=part.saturated,
-                        name=f"s={s:g}",
-                        legendgroup=str(s),
-                        showlegend=False,
-                        row=1,
-                        col=2,
-                    )
-            fig.update_xaxes(title_text="step")
-            fig.update_yaxes(title_text="fraction of the graft set", row=1, col=2)
+                line = dict(color=palette[i % len(palette)])
+                kw = dict(name=f"s={s:g}", legendgroup=str(s), line=line)
+                fig.add_scatter(x=part.step, y=part.selection, row=1, col=1, **kw)
+                if sat in part:
+                    fig.add_scatter(x=part.step, y=part[sat], showlegend=False, row=1, col=2, **kw)
+            fig.update_xaxes(title_text="step", dtick=1)
+            fig.update_yaxes(title_text="fraction", row=1, col=2)
             fig.update_layout(title=f"Mask training on {task}")
             return fig
         if view == "overlap":

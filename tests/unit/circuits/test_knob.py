@@ -229,7 +229,7 @@ def test_run_knob_end_to_end_and_reload_steers_identically(toy, tiny_tok, tmp_pa
     assert torch.equal(a, steered_choices(toy, result.direction, items["test"], "prior", 4.0))
     # the untrained base answers alike under both instructions: its layer curve is undefined, not drawn
     assert s["layer_curve_defined_tuned"] and not s["layer_curve_defined_base"]
-    assert "undefined" in result.figure("layers").layout.annotations[-1].text
+    assert "undefined, not drawn: base" in result.figure("layers").layout.title.text
     assert {t.name.split(":")[0] for t in result.figure("layers").data} == {"tuned"}
     # every effect: headline at the class means, overshoot beside it, both with a control and an interval
     tr = result.transfer
