@@ -173,7 +173,7 @@ class KnobResult(Result):
         cal = {
             f"auroc_{r.model}_{r.direction}": round(float(r.auroc), 3) for r in self.calibration.itertuples()
         }
-        eff = self.effects("means") if "setpoints" in self.transfer else self.transfer
+        eff = self._headline_effects()
         best = {}
         for role in ROLES:
             part = eff[(eff.model == role) & (eff.direction == "tuned DAS")]
@@ -226,6 +226,12 @@ class KnobResult(Result):
         if "setpoints" not in self.transfer:
             return self.transfer if setpoints == "overshoot" else self.transfer.iloc[0:0]
         return self.transfer[self.transfer.setpoints == setpoints]
+
+    def _headline_effects(self) -> pd.DataFrame:
+        """The rows the summary's best layer and the transfer figure use: the class means, or for a result
+        saved before they existed, its (overshoot) rows."""
+        rows = self.effects("means")
+        return rows if len(rows) else self.effects("overshoot")
 
     def figure(self, view: Literal["layers", "lens", "dose", "transfer"] = "layers"):
         """``layers``: switch rate by patched layer, both models; ``lens``: logit-lens switch by read
@@ -336,9 +342,7 @@ class KnobResult(Result):
                     "AUROC of uᵀh, intent context vs prior",
                 ],
             )
-            rows = self.effects("means")
-            if not len(rows):  # a result saved before the headline moved to the means
-                rows = self.effects("overshoot")
+            rows = self._headline_effects()
             for role in ROLES:
                 part = rows[(rows.model == role) & (rows.direction == "tuned DAS")]
                 bars = {}

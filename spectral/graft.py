@@ -335,8 +335,7 @@ def _scored(model, params, enc: Encoded) -> tuple[dict[str, float], Tensor]:
 @dataclass
 class _Fit:
     mask: dict[str, Tensor]
-    history: list[dict[str, Any]]
-    lr: float
+    history: list[dict[str, Any]]  # per step, with the rate that step used
 
 
 def fit_mask(
@@ -357,7 +356,6 @@ def fit_mask(
     b = config.sigmoid_bias
     step_size = config.step_size if config.step_size is not None else 1.5 * b / config.steps
     history: list[dict[str, Any]] = []
-    first_lr: float | None = None
 
     def score(mask: dict[str, Tensor]) -> float:
         params = space.grafted(mask)
@@ -401,12 +399,10 @@ def fit_mask(
                     upd[n] = torch.where(gb[n], g.neg(), g) if bool(gb[n].any()) else g
                 del theta
                 lr = config.lr
-                if lr is None:
-                    kth = torch.topk(torch.cat([u.abs().reshape(-1) for u in upd.values()]), n_keep).values[
-                        -1
-                    ]
-                    lr = step_size / max(float(kth), 1e-30)
-                first_lr = lr if first_lr is None else first_lr
+                if lr is None:  # the s·N-th largest step is step_size
+                    steps_abs = torch.cat([u.abs().reshape(-1) for u in upd.values()])
+                    lr = step_size / max(float(torch.topk(steps_abs, n_keep).values[-1]), 1e-30)
+                    del steps_abs
                 clip = None if config.step_clip is None else config.step_clip * step_size
                 for n in space.names:
                     step_n = upd[n].mul_(lr)
@@ -439,7 +435,7 @@ def fit_mask(
                 )
             if sel_score > best[0]:
                 best = (sel_score, {n: m.clone() for n, m in mask.items()})
-    return _Fit(mask=best[1], history=history, lr=float(first_lr if first_lr is not None else math.nan))
+    return _Fit(mask=best[1], history=history)
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -570,7 +566,6 @@ class GraftResult(Result):
                 title=f"Where the {task} graft lives",
             )
         if view == "steps":
-            import plotly.express as px
             from plotly.subplots import make_subplots
 
             df = self.history[self.history.task == task]
@@ -621,10 +616,14 @@ class GraftResult(Result):
 # ------------------------------------------------------------------------------------------ engine
 
 
+def _test_split(data: Mapping[str, Dataset]) -> Dataset:
+    """The split the reported numbers come from: ``test``, else the first ``test_<name>``."""
+    return data["test"] if "test" in data else next(v for k, v in data.items() if k.startswith("test"))
+
+
 def _prepare(data: Mapping[str, Dataset], tokenizer, config: GraftConfig, task: str):
     if "train" not in data or not any(k.startswith("test") for k in data):
         raise TaskError(f"task {task!r}: expected data with a 'train' and a 'test' split, got {sorted(data)}")
-    test_key = "test" if "test" in data else next(k for k in data if k.startswith("test"))
     train = data["train"]
     parts = train.split({"fit": 0.75, "dev": 0.25}, seed=config.seed) if config.max_dev else {"fit": train}
     fit = parts["fit"].subset(range(min(config.max_fit, len(parts["fit"]))))
@@ -632,12 +631,8 @@ def _prepare(data: Mapping[str, Dataset], tokenizer, config: GraftConfig, task: 
     return (
         fit.encode(tokenizer),
         (dev.encode(tokenizer) if dev is not None else None),
-        data[test_key].encode(tokenizer),
+        _test_split(data).encode(tokenizer),
     )
-
-
-def _test_split(data: Mapping[str, Dataset]) -> Dataset:
-    return data["test"] if "test" in data else next(v for k, v in data.items() if k.startswith("test"))
 
 
 N_BOOT = 2000
