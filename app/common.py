@@ -15,8 +15,8 @@ from typing import Any
 
 import streamlit as st
 
-from tunelens import catalog
 from tunelens.errors import TunelensError
+from tunelens.faces import catalog
 
 DEFAULT_RESULTS = "results/demo"
 RESULTS_ENV = "TUNELENS_RESULTS"
@@ -66,7 +66,7 @@ def pair_label(spec: tuple[str, str] | None) -> str:
 @st.cache_resource(max_entries=2, show_spinner="Loading the pair (once) ...")
 def load_pair(base: str, tuned: str, device: str = "cpu"):
     """A pair, held across reruns and sessions: a zoo pair name (``tuned`` empty) or two references."""
-    from tunelens.models.loading import load_pair as _load
+    from tunelens.models.resolve import load_pair as _load
 
     return _load(base, tuned or None, device=device)
 

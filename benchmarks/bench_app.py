@@ -5,7 +5,8 @@ the live parts on SmolLM2. Prints seconds and ratios against baselines measured 
     .venv/bin/python benchmarks/bench_app.py RESULTS_DIR --only atlas [--atlas-before REV]
 
 Baselines: a bare Streamlit script (title only) under the same AppTest harness, for the pages; a plain greedy
-generation of the same length on the same model, for live steering; for the layer atlas, tunelens/atlas.py as
+generation of the same length on the same model, for live steering; for the layer atlas,
+tunelens/atlas.py (now faces/atlas.py) as
 it was at git revision REV (default: before its per-matrix cache), run on the same pair, folder and layers,
 with its numbers checked against the current ones. Target: ≤ 2 s per answer.
 """
@@ -63,10 +64,10 @@ def bench_pages(results: str, pair: str, repeats: int) -> None:
 
 
 def bench_steering(results: str, pair_name: str, repeats: int) -> None:
-    from circuits.steering import steer
-    from tunelens import catalog
-    from tunelens.atlas import directions_in
-    from tunelens.models.loading import load_pair
+    from circuits.knob.steering import steer
+    from tunelens.faces import catalog
+    from tunelens.faces.atlas import directions_in
+    from tunelens.models.resolve import load_pair
     from tunelens.results import load_result
 
     knobs = catalog.by_analysis(catalog.scan(results), "knob")
@@ -88,7 +89,9 @@ def bench_steering(results: str, pair_name: str, repeats: int) -> None:
     )
 
 
-ATLAS_BEFORE = "7b32184"  # tunelens/atlas.py before the SVD cache, the top-k eigensolver and the frame cache
+# tunelens/atlas.py (now tunelens/faces/atlas.py) before the SVD cache, the top-k eigensolver and the
+# frame cache
+ATLAS_BEFORE = "7b32184"
 
 
 def _module_at(rev: str, rel: str, name: str):
@@ -123,8 +126,8 @@ def _same_atlas(a, b) -> float:
 
 def bench_atlas(results: str, pair_name: str, layers: list[int], before_rev: str) -> None:
     """The layer atlas per layer (what the page computes when the slider moves), before vs now."""
-    from tunelens import atlas as after
-    from tunelens.models.loading import load_pair
+    from tunelens.faces import atlas as after
+    from tunelens.models.resolve import load_pair
 
     before = _module_at(before_rev, "tunelens/atlas.py", "atlas_before")
     pair = load_pair(pair_name)

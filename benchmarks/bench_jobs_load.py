@@ -1,6 +1,6 @@
 """Load: a batch job of N prompts into an ActivationStore on SmolLM2, with peak RSS bounded and reported.
 
-Runs two cache jobs through the job runner (``tunelens.jobs``, local executor, in this process) on the
+Runs two cache jobs through the job runner (``tunelens.faces.jobs``, local executor, in this process) on the
 zoo pair ``smollm2-et``: all 30 ``resid_post`` sites at the last position of N entity-tracking prompts
 (default 10 000; ``--n`` to reduce), shard size 256, batch 32. A small job of ``--baseline`` prompts
 (default 500) runs first, in the same process, as the baseline: memory is bounded if the big job's peak
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_store_stream import MB, RssSampler, rss
 
-from tunelens.jobs import JobSpec, run_job
+from tunelens.faces.jobs import JobSpec, run_job
 from tunelens.store import ActivationStore
 
 

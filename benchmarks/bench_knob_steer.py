@@ -1,4 +1,4 @@
-"""How long ``circuits.steering.steer`` takes on SmolLM2 for a short prompt, against plain generation.
+"""How long ``circuits.knob.steering.steer`` takes on SmolLM2 for a short prompt, against plain generation.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_knob_steer.py``. Prints seconds and the ratio
 steered / unsteered (the hook should cost almost nothing); the app needs a short prompt in about 2 s.
@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from circuits.steering import steer
+from circuits.knob.steering import steer
 from tunelens.directions import Direction
 from tunelens.models import zoo
 from tunelens.sites import Site

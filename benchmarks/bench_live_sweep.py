@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from circuits.live import live_sweep
+from circuits.patching.live import live_sweep
 from tunelens.models import zoo
 
 PROMPT = "The apple is in Box F. The cup is in Box Q. The dog is in Box B. Box Q contains the"

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from circuits.cmap import cmap_sweep, trace_pair
-from circuits.metrics import Answers, logit_diff
-from circuits.patching import Patch, run_cells, trace
+from circuits.patching.cmap import cmap_sweep, trace_pair
+from circuits.patching.engine import Patch, run_cells, trace
+from circuits.patching.metrics import Answers, logit_diff
 from tunelens.backends.base import replace
 from tunelens.backends.tl_patching import tl_patch_sweep
 from tunelens.models import zoo

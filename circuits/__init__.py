@@ -1,13 +1,14 @@
 """circuits package (see the README).
 
-Heavy modules load on first use: ``circuits.live_sweep`` imports :mod:`circuits.live` when it is read.
+Heavy modules load on first use: ``circuits.live_sweep`` imports :mod:`circuits.patching.live` when it is
+read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_LAZY = {"live_sweep": "circuits.live"}
+_LAZY = {"live_sweep": "circuits.patching.live"}
 
 
 def __getattr__(name: str) -> Any:

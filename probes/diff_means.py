@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.logistic import LinearFit
+from probes.linear_fit import LinearFit
 from tunelens.directions import Direction, diff_of_means
 from tunelens.sites import Site
 

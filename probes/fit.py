@@ -33,7 +33,8 @@ from torch import Tensor
 from probes.config import ProbeConfig
 from probes.controls import control_labels, shuffled_labels
 from probes.diff_means import fit_diff_means
-from probes.logistic import LinearFit, fit_logistic
+from probes.linear_fit import LinearFit
+from probes.logistic import fit_logistic
 from probes.result import ProbeResult
 from probes.ridge import fit_ridge, r2_score
 from probes.split import split_indices

@@ -21,28 +21,16 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from probes.lbfgs import Preconditioner, minimize
+from probes.linear_fit import LinearFit
 
 NEWTON_MAX_N = 3000
 """``solver="auto"`` uses Newton for binary probes with at most this many training examples."""
-
-
-@dataclass(frozen=True)
-class LinearFit:
-    """Affine probes ``x ↦ xW + b``, one per (layer, label set) (``k`` = 1 for a binary probe: the logit
-    of class 1). With a single label set the ``target`` axis is absent: weight ``[layer, d_model, k]``."""
-
-    weight: Float[Tensor, "layer ... d_model k"]
-    bias: Float[Tensor, "layer ... k"]
-    converged: Bool[Tensor, "layer ..."]
-    n_iter: Int[Tensor, "layer ..."]
 
 
 class LogisticObjective:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.logistic import LinearFit
+from probes.linear_fit import LinearFit
 from tunelens.threads import one_thread
 
 

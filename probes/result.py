@@ -31,6 +31,7 @@ View = Literal["layers", "transfer", "selectivity"]
 @dataclass(frozen=True, kw_only=True)
 class ProbeResult(Result):
     title: ClassVar[str] = "linear probes by layer"
+    analysis: ClassVar[str] = "probes"
 
     config: ProbeConfig
     task: str

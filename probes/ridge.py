@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from probes.logistic import LinearFit
+from probes.linear_fit import LinearFit
 
 
 def fit_ridge(

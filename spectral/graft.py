@@ -454,6 +454,7 @@ class GraftResult(Result):
     """
 
     title: ClassVar[str] = "Skill localisation by grafting"
+    analysis: ClassVar[str] = "skills"
     config: GraftConfig
     tasks: tuple[str, ...]
     curve: Any

@@ -106,6 +106,7 @@ class IntruderResult(Result):
     """
 
     title: ClassVar[str] = "Intruder dimensions"
+    analysis: ClassVar[str] = "intruders"
     config: IntruderConfig
     variants: tuple[str, ...]
     matrices: tuple[str, ...]

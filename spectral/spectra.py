@@ -44,6 +44,7 @@ class SpectrumResult(Result):
     zero-padded to the widest matrix's rank)."""
 
     title: ClassVar[str] = "Weight spectra and update rank"
+    analysis: ClassVar[str] = "intruders"
     config: SpectrumConfig
     variants: tuple[str, ...]
     matrices: tuple[str, ...]

@@ -29,6 +29,7 @@ from spectral.graft import GraftConfig, graft
 from spectral.intruders import IntruderConfig, intruder_family, intruder_tradeoff
 from spectral.spectra import SpectrumConfig, SpectrumResult
 from tunelens.models import zoo
+from tunelens.studies import Study
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -177,15 +178,14 @@ def run_study(out: Path, settings: StudySettings, *, progress: Progress = log.in
     return headline
 
 
-def demo_step(ctx) -> dict[str, Any]:
-    """``tunelens demo``: intruders in the attention matrices of the SmolLM2 family (rank-1 baseline, a
-    two-point λ test on LoRA r=64 at ε=0.9) and a 2-step graft of the full fine-tune at sparsity 1e-2;
-    saved under ``ctx.out/spectral``."""
-    return run_study(Path(ctx.out) / "spectral", DEMO_SETTINGS, progress=ctx.progress)
-
-
-def reproduce(pair, out: Path, *, progress: Progress = lambda _: None) -> dict[str, Any]:
-    """``tunelens reproduce``: the full study (``pair`` is unused: the study runs on the zoo family and the
-    zoo's full and two-task fine-tunes); saved in ``out`` (the folder the reproduce job gives it)."""
-    del pair
-    return run_study(Path(out), REPRODUCE_SETTINGS, progress=progress)
+STUDIES: tuple[Study, ...] = (
+    Study(
+        key="spectral",
+        title="Weight space: intruder dimensions with baselines and the λ test, skill localisation",
+        pair=None,  # it reads the zoo's SmolLM2 family and fine-tunes itself
+        models=(*zoo.FAMILIES["smollm2-et"][1], *zoo.PAIRS["smollm2-mix"]),
+        run=run_study,
+        demo=DEMO_SETTINGS,
+        full=REPRODUCE_SETTINGS,
+    ),
+)

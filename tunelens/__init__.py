@@ -10,8 +10,8 @@ The one Python API for notebooks and scripts::
 """
 
 from tunelens.errors import TunelensError
-from tunelens.models.loading import load_model, load_pair
 from tunelens.models.pair import ModelFamily, ModelPair
+from tunelens.models.resolve import load_model, load_pair
 from tunelens.sites import Site
 
 __all__ = ["ModelFamily", "ModelPair", "Site", "TunelensError", "load_model", "load_pair"]

@@ -67,6 +67,13 @@ class Result:
     """
 
     title: ClassVar[str] = "result"
+    analysis: ClassVar[str] = "other"
+    """Where the result belongs: ``probes``, ``patching``, ``circuit``, ``knob``, ``skills``, ``intruders``
+    or ``atlas`` (the app's page, the report's section). Saved into ``result.json``, so a folder is sorted
+    without importing any analysis."""
+    layer_column: ClassVar[str | None] = "layer"
+    """The column of :meth:`to_frame` that says each row's layer (an int, a Site or a matrix name such as
+    ``L3.q``), or None; the layer atlas reads a result's rows at a layer through it."""
 
     def to_frame(self):  # pragma: no cover - every subclass overrides
         raise NotImplementedError(f"{type(self).__name__} has no to_frame()")
@@ -96,7 +103,13 @@ class Result:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         fields = {f.name: _encode(getattr(self, f.name), f.name, tensors) for f in dataclasses.fields(self)}
-        doc = {"format": FORMAT, "type": _qualname(type(self)), "fields": fields, "summary": self.summary()}
+        doc = {
+            "format": FORMAT,
+            "type": _qualname(type(self)),
+            "analysis": self.analysis,
+            "fields": fields,
+            "summary": self.summary(),
+        }
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
             save_file(tensors, str(tmp / TENSOR_FILE))
@@ -140,7 +153,8 @@ def load_result(path: str | os.PathLike[str], *, expect: type[Result] | None = N
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise StoreError(f"{doc_file}: expected format {FORMAT!r}, found {got!r}")
     name = doc.get("type", "")
-    cls = expect if expect is not None and name == _qualname(expect) else _import(name, doc_file)
+    same = expect is not None and current_type_name(name) == _qualname(expect)
+    cls = expect if same else _import(name, doc_file)
     if not (isinstance(cls, type) and issubclass(cls, Result)):
         raise StoreError(f"{doc_file}: type {doc.get('type')!r} is not a tunelens Result")
     try:
@@ -175,7 +189,77 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+# Where result types saved before the layout moved (issue 17) live now: old module -> new module, and old
+# "module:Type" -> new "module:Type" for a type that moved to another module. Saved folders keep loading.
+MOVED_MODULES: dict[str, str] = {
+    "circuits.patching": "circuits.patching.engine",
+    "circuits.sweeps": "circuits.patching.sweeps",
+    "circuits.patching_result": "circuits.patching.result",
+    "circuits.metrics": "circuits.patching.metrics",
+    "circuits.attribution": "circuits.patching.attribution",
+    "circuits.cmap": "circuits.patching.cmap",
+    "circuits.path_patching": "circuits.patching.path_patching",
+    "circuits.live": "circuits.patching.live",
+    "circuits.groups": "circuits.circuit.groups",
+    "circuits.faithfulness": "circuits.circuit.faithfulness",
+    "circuits.minimality": "circuits.circuit.minimality",
+    "circuits.dcm": "circuits.circuit.dcm",
+    "circuits.knob": "circuits.knob.analysis",
+    "circuits.knob_data": "circuits.knob.data",
+    "circuits.knob_das": "circuits.knob.das",
+    "circuits.knob_layers": "circuits.knob.layers",
+    "circuits.knob_runs": "circuits.knob.runs",
+    "circuits.knob_effects": "circuits.knob.effects",
+    "circuits.steering": "circuits.knob.steering",
+    "circuits.study": "circuits.studies.entity_tracking",
+    "circuits.gemma_study": "circuits.studies.runner",
+    "circuits.circuit_study": "circuits.studies.circuit",
+    "tunelens.atlas": "tunelens.faces.atlas",
+}
+MOVED_TYPES: dict[str, str] = {}
+# The analysis of each result type saved before result.json carried its own (issue 17), by the type's
+# current name: folders written before keep landing on the right page.
+LEGACY_ANALYSIS: dict[str, str] = {
+    "probes.result:ProbeResult": "probes",
+    "circuits.knob.analysis:KnobResult": "knob",
+    "circuits.patching.attribution:AttributionResult": "patching",
+    "circuits.patching.cmap:CMAPResult": "patching",
+    "circuits.patching.live:LiveSweepResult": "patching",
+    "circuits.patching.result:PatchingResult": "patching",
+    "circuits.patching.path_patching:PathPatchingResult": "patching",
+    "circuits.circuit.dcm:DCMResult": "circuit",
+    "circuits.circuit.faithfulness:CircuitResult": "circuit",
+    "circuits.circuit.groups:HeadGroupsResult": "circuit",
+    "circuits.circuit.minimality:MinimalCircuitResult": "circuit",
+    "spectral.graft:GraftResult": "skills",
+    "spectral.intruders:IntruderResult": "intruders",
+    "spectral.spectra:SpectrumResult": "intruders",
+    "tunelens.faces.atlas:AtlasResult": "atlas",
+}
+
+
+def analysis_of(doc: dict[str, Any]) -> str:
+    """The analysis a saved ``result.json`` belongs to: its own ``analysis`` field, or for a folder saved
+    before results carried one, the table of the types that existed then (``other`` when unknown).
+
+    >>> analysis_of({"type": "circuits.knob:KnobResult"}), analysis_of({"type": "x:Y", "analysis": "knob"})
+    ('knob', 'knob')
+    """
+    if isinstance(doc.get("analysis"), str):
+        return doc["analysis"]
+    return LEGACY_ANALYSIS.get(current_type_name(str(doc.get("type", ""))), "other")
+
+
+def current_type_name(name: str) -> str:
+    """The ``module:Type`` a saved type name refers to in this tunelens (names saved before a move map)."""
+    if name in MOVED_TYPES:
+        return MOVED_TYPES[name]
+    module, sep, qual = name.partition(":")
+    return MOVED_MODULES.get(module, module) + sep + qual
+
+
 def _import(name: str, where: Path, trusted: set[str] = frozenset()) -> Any:
+    name = current_type_name(name)
     module, _, qual = name.partition(":")
     if (module.split(".")[0] not in TRUSTED_PACKAGES and module not in trusted) or not qual:
         raise StoreError(f"{where}: type {name!r} is not from a tunelens package {TRUSTED_PACKAGES}")

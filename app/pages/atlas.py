@@ -5,13 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common
-from tunelens import catalog
 from tunelens.errors import TunelensError
+from tunelens.faces import catalog
 
 
 @st.cache_data(show_spinner="Computing the atlas (SVD of the layer's matrices) ...", max_entries=32)
 def _compute(spec: tuple[str, str], layer: int, k: int, results_dir: str, stamp: tuple):
-    from tunelens.atlas import AtlasConfig, atlas_from_folder
+    from tunelens.faces.atlas import AtlasConfig, atlas_from_folder
 
     pair = common.load_pair(spec[0], spec[1] or "")
     return atlas_from_folder(pair, AtlasConfig(layer=layer, k=k), results_dir)
@@ -29,7 +29,7 @@ if n_layers is None and not saved:
     st.info(
         "The atlas needs a loaded pair (Pair page) for its weights; no saved atlas is in this results "
         "folder. Produce one with the button here once a pair is loaded, or with "
-        "tunelens.atlas.compute_atlas."
+        "tunelens.faces.atlas.compute_atlas."
     )
     st.stop()
 
@@ -46,7 +46,7 @@ if pair is not None:
         st.error(str(exc))
         st.stop()
     if st.button("Save this atlas into the results folder", key="atlas_save"):
-        from tunelens.atlas import default_path
+        from tunelens.faces.atlas import default_path
 
         try:
             st.success(f"saved to {result.save(default_path(common.results_dir(), layer))}")

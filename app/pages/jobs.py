@@ -13,10 +13,11 @@ st.caption(
 entries = common.scan()
 if entries is None:
     st.stop()
-status = live.optional("tunelens.jobs", "folder_status")
+status = live.optional("tunelens.faces.jobs", "folder_status")
 if status is None:
     st.info(
-        "This install has no batch-job status API yet (tunelens.jobs); the folder's results are listed below."
+        "This install has no batch-job status API yet (tunelens.faces.jobs); "
+        "the folder's results are listed below."
     )
 else:
     try:

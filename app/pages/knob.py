@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common, live
-from tunelens.atlas import directions_in
 from tunelens.errors import TunelensError
+from tunelens.faces.atlas import directions_in
 
 entries = common.analysis_page("knob")
 
@@ -23,9 +23,9 @@ if pair is None:
 if not entries:
     st.info("Live steering needs a saved knob result (its direction); none is in this results folder.")
     st.stop()
-steer = live.optional("circuits.steering", "steer")
+steer = live.optional("circuits.knob.steering", "steer")
 if steer is None:
-    st.warning("Live steering needs circuits.steering.steer, which this install does not have.")
+    st.warning("Live steering needs circuits.knob.steering.steer, which this install does not have.")
     st.stop()
 
 

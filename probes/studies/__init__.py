@@ -4,8 +4,8 @@
 - :func:`pik_study` — P(IK)-style "does this model know the fact" (last token of the question);
 - :func:`wack_study` — WACK-style unknown / known / known-but-wrong under a misleading context.
 
-:func:`demo_step` runs all three at :data:`DEMO_SETTINGS` for ``tunelens demo``; :func:`reproduce` runs
-them at :data:`REPRODUCE_SETTINGS` for ``tunelens reproduce``. Each saves one
+:data:`STUDIES` runs all three: at :data:`DEMO_SETTINGS` for ``tunelens demo``, at
+:data:`REPRODUCE_SETTINGS` for ``tunelens reproduce``. Each saves one
 :class:`~probes.result.ProbeResult` folder per study.
 """
 
@@ -25,22 +25,22 @@ from probes.studies.settings import (
     EntityTrackingSettings,
     FactSettings,
 )
+from tunelens.studies import Study
 
 __all__ = [
     "DEMO_SETTINGS",
+    "PROBE_STUDIES",
     "REPRODUCE_SETTINGS",
     "STUDIES",
     "EntityTrackingSettings",
     "FactSettings",
-    "demo_step",
     "entity_tracking_study",
     "pik_study",
-    "reproduce",
     "run_studies",
     "wack_study",
 ]
 
-STUDIES: dict[str, Callable[..., ProbeResult]] = {
+PROBE_STUDIES: dict[str, Callable[..., ProbeResult]] = {
     "entity_tracking": entity_tracking_study,
     "pik": pik_study,
     "wack": wack_study,
@@ -74,7 +74,7 @@ def run_studies(
             kw = {"known": pik.notes["known"], "known_items": pik.notes["items"]} if same else {}
             res = wack_study(pair, s, progress=progress, **kw)
         else:
-            res = STUDIES[name](pair, s, progress=progress)
+            res = PROBE_STUDIES[name](pair, s, progress=progress)
         results[name] = res
         res.save(out / name)
         summary[name] = {**_headline(res), "seconds": round(time.time() - t0, 1), "path": str(out / name)}
@@ -86,12 +86,13 @@ def _same_facts(a: FactSettings, b: FactSettings) -> bool:
     return (a.n_facts, a.relations, a.seed) == (b.n_facts, b.relations, b.seed)
 
 
-def demo_step(ctx) -> dict[str, Any]:
-    """``tunelens demo``: the three studies at reduced size on ``ctx.pair``, saved to ``ctx.out/probes``."""
-    return run_studies(ctx.pair, Path(ctx.out) / "probes", DEMO_SETTINGS, progress=ctx.progress)
-
-
-def reproduce(pair, out: Path, *, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """``tunelens reproduce``: the three studies at full size, saved as ``out/<study>`` (``out`` is the
-    folder the reproduce job gives this study, e.g. ``OUT/probes``)."""
-    return run_studies(pair, Path(out), REPRODUCE_SETTINGS, progress=progress)
+STUDIES: tuple[Study, ...] = (
+    Study(
+        key="probes",
+        title="Probes: entity tracking, P(IK) and WACK on base and tuned, with controls and transfer",
+        pair="smollm2-et",
+        run=run_studies,
+        demo=DEMO_SETTINGS,
+        full=REPRODUCE_SETTINGS,
+    ),
+)

@@ -60,7 +60,7 @@ def app_pair_dirs(tiny_tok, tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def app_pair(app_pair_dirs) -> ModelPair:
-    from tunelens.models.loading import load_pair
+    from tunelens.models.resolve import load_pair
 
     return load_pair(*app_pair_dirs)
 
@@ -68,7 +68,7 @@ def app_pair(app_pair_dirs) -> ModelPair:
 @pytest.fixture(scope="session")
 def other_pair_results(app_pair, tmp_path_factory) -> Path:
     """A results folder of another pair (the same base with another fine-tune)."""
-    from tunelens.atlas import AtlasConfig, compute_atlas
+    from tunelens.faces.atlas import AtlasConfig, compute_atlas
 
     other = ModelPair(app_pair.base, _tuned_copy(app_pair.base, 7, "other-tuned"), name="other")
     root = tmp_path_factory.mktemp("other-results")
@@ -77,7 +77,7 @@ def other_pair_results(app_pair, tmp_path_factory) -> Path:
 
 
 def _patching(pair: ModelPair, root: Path) -> None:
-    from circuits.sweeps import SweepConfig, activation_patching
+    from circuits.patching.sweeps import SweepConfig, activation_patching
     from tunelens.tasks import entity_tracking as et
 
     clean = et.generate(et.EntityTrackingConfig(n_boxes=2, n_contexts=3), seed=0)
@@ -91,8 +91,8 @@ def _patching(pair: ModelPair, root: Path) -> None:
 
 
 def _atlas(pair: ModelPair, root: Path) -> None:
-    from tunelens.atlas import AtlasConfig, compute_atlas, default_path
     from tunelens.directions import Direction
+    from tunelens.faces.atlas import AtlasConfig, compute_atlas, default_path
     from tunelens.sites import Site
 
     gen = torch.Generator().manual_seed(0)
@@ -145,8 +145,8 @@ def _toy_items(tok, n: int, seed: int):
 
 def _knob(pair: ModelPair, root: Path) -> None:
     """The context knob on the toy task (held-out toy items, a short DAS, two set-points)."""
-    from circuits.knob import KnobConfig, run_knob
-    from circuits.knob_das import DASConfig
+    from circuits.knob.analysis import KnobConfig, run_knob
+    from circuits.knob.das import DASConfig
 
     items = _toy_items(pair.tokenizer, 40, 11).split({"knob": 0.5, "test": 0.5}, seed=0)
     cfg = KnobConfig(
@@ -180,9 +180,9 @@ def _graft(pair: ModelPair, root: Path) -> None:
 def _circuits(pair: ModelPair, root: Path) -> None:
     """The demo's circuits study (residual patching, CMAP sweeps and groups, attribution) at toy size, then
     the circuit's faithfulness in both models from the saved CMAP sweeps, as the demo does."""
-    from circuits.circuit_study import cmap_heads
-    from circuits.faithfulness import faithfulness
-    from circuits.study import StudySettings, run_study
+    from circuits.circuit.faithfulness import faithfulness
+    from circuits.studies.circuit import cmap_heads
+    from circuits.studies.entity_tracking import StudySettings, run_study
     from tunelens.tasks import entity_tracking as et
 
     run_study(pair, StudySettings(n_contexts=2, resid_contexts=1, top_k=2, n_random=2), root / "circuits")

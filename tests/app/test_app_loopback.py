@@ -38,7 +38,7 @@ def _listeners(root: psutil.Process) -> list[str]:
 def test_tunelens_app_listens_on_loopback_only(tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunelens.cli", "app", str(tmp_path), "--port", str(port)],
+        [sys.executable, "-m", "tunelens.faces.cli", "app", str(tmp_path), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

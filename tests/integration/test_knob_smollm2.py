@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.knob import intent_accuracy
-from circuits.knob_das import confident, mean_direction
-from circuits.knob_data import heldout_items
-from circuits.knob_effects import steering_effect
-from circuits.knob_layers import Patcher, choose_layer, prefix_sweep
-from circuits.steering import calibrate, steer
+from circuits.knob.analysis import intent_accuracy
+from circuits.knob.das import confident, mean_direction
+from circuits.knob.data import heldout_items
+from circuits.knob.effects import steering_effect
+from circuits.knob.layers import Patcher, choose_layer, prefix_sweep
+from circuits.knob.steering import calibrate, steer
 from tunelens.backends.hooks import count_hooks
 from tunelens.models import zoo
 

@@ -23,7 +23,6 @@ from transformers import PreTrainedTokenizerFast
 from tests.conftest import make_tiny
 from tunelens.backends.base import add, replace
 from tunelens.cache import CacheConfig, cache_to_store, capture
-from tunelens.cli import main
 from tunelens.errors import (
     ConfigError,
     DeviceError,
@@ -39,10 +38,13 @@ from tunelens.errors import (
     TunelensError,
     ZooError,
 )
+from tunelens.faces import catalog
+from tunelens.faces.cli import main
 from tunelens.models import zoo
 from tunelens.models.loaded import LoadedModel, ModelSource, check_device
-from tunelens.models.loading import load_adapter_pair, load_gguf, load_hf_folder, load_model
+from tunelens.models.loading import load_adapter_pair, load_gguf, load_hf_folder
 from tunelens.models.pair import ModelPair
+from tunelens.models.resolve import load_model
 from tunelens.models.tiny import TinyConfig, tiny_vocab
 from tunelens.paths import data_home
 from tunelens.sites import Site, site
@@ -262,13 +264,13 @@ def _job(ctx: Ctx, change: dict, name: str = "job.yaml") -> Path:
 
 
 def _load_job(ctx: Ctx, change: dict):
-    from tunelens.jobs import JobSpec
+    from tunelens.faces.jobs import JobSpec
 
     return JobSpec.from_file(_job(ctx, change))
 
 
 def _job_text(ctx: Ctx, text: str):
-    from tunelens.jobs import JobSpec
+    from tunelens.faces.jobs import JobSpec
 
     (ctx.tmp / "list.yaml").write_text(text)
     return JobSpec.from_file(ctx.tmp / "list.yaml")
@@ -299,28 +301,28 @@ def _knob_direction(ctx: Ctx, width: int):
 
 
 def _steer(ctx: Ctx, width: int, c: float):
-    from circuits.steering import steer
+    from circuits.knob.steering import steer
 
     return steer(ctx.model, _knob_direction(ctx, width), "Box F contains the", c, max_new_tokens=2)
 
 
 def _live(ctx: Ctx, prompt: str, counterfactual: str):
-    from circuits.live import live_sweep
+    from circuits.patching.live import live_sweep
 
     return live_sweep(ctx.model, prompt, counterfactual, top_k=2)
 
 
 def _app_results_of_other_pair(ctx: Ctx):
     """A results folder of the tiny pair, checked against the LoRA pair the app has loaded."""
-    from tunelens import catalog
-    from tunelens.atlas import AtlasConfig, compute_atlas
+    from tunelens.faces import catalog
+    from tunelens.faces.atlas import AtlasConfig, compute_atlas
 
     compute_atlas(ctx.pair, AtlasConfig(layer=0, k=2)).save(ctx.tmp / "results" / "atlas")
     return catalog.check_pair(catalog.scan(ctx.tmp / "results"), ctx.lora_pair.hashes(), "the loaded one")
 
 
 def _app_not_a_model(ctx: Ctx):
-    from tunelens.models.loading import load_pair
+    from tunelens.models.resolve import load_pair
 
     folder = _folder(ctx, "notes", {"notes.txt": b"not a model"})
     return load_pair(str(folder), str(folder))
@@ -722,13 +724,13 @@ CASES = [
     # 19. the app (what the pages check before running anything; the page shows the message and goes on)
     Case(
         "app-results-folder-missing",
-        lambda ctx: __import__("tunelens.catalog").catalog.scan(ctx.tmp / "nowhere"),
+        lambda ctx: catalog.scan(ctx.tmp / "nowhere"),
         StoreError,
         r"results folder '.*nowhere' does not exist; expected a folder written by `tunelens demo",
     ),
     Case(
         "app-results-folder-is-a-file",
-        lambda ctx: __import__("tunelens.catalog").catalog.scan(_folder(ctx, "r", {"x.txt": b"x"}) / "x.txt"),
+        lambda ctx: catalog.scan(_folder(ctx, "r", {"x.txt": b"x"}) / "x.txt"),
         StoreError,
         r"results folder '.*x\.txt' is a file; expected a folder",
     ),

@@ -61,22 +61,22 @@ def _capture(pair: ModelPair, d: dict):
 
 
 def _patching(pair: ModelPair, d: dict):
-    from circuits.sweeps import SweepConfig, activation_patching
+    from circuits.patching.sweeps import SweepConfig, activation_patching
 
     cfg = SweepConfig(kind="resid_pre", by="layer_pos", positions=("last",))
     activation_patching(pair.tuned, d["clean"], d["corrupt"], cfg)
 
 
 def _cmap(pair: ModelPair, d: dict):
-    from circuits.cmap import cmap_sweep
+    from circuits.patching.cmap import cmap_sweep
 
     cmap_sweep(pair, d["clean"])
 
 
 def _attribution(pair: ModelPair, d: dict):
-    from circuits.attribution import target_gradients
-    from circuits.metrics import Answers
-    from circuits.patching import trace
+    from circuits.patching.attribution import target_gradients
+    from circuits.patching.engine import trace
+    from circuits.patching.metrics import Answers
 
     run = trace(pair.tuned, d["corrupt"].tokens)
     target_gradients(run, Answers.from_encoded(d["clean"]), ("z", "resid_pre"))
@@ -93,7 +93,7 @@ def _generate(fail: bool):
 
 
 def _live(pair: ModelPair, d: dict):
-    from circuits.live import live_sweep
+    from circuits.patching.live import live_sweep
 
     prompt = "The apple is in Box F . The cup is in Box Q . Box F contains the"
     live_sweep(pair.tuned, prompt, prompt.replace("Box F contains", "Box Q contains"), top_k=3)

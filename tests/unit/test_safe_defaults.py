@@ -14,7 +14,7 @@ import pytest
 
 from tunelens.cache import CacheConfig, cache_to_store
 from tunelens.errors import ModelLoadError
-from tunelens.models.loading import load_model
+from tunelens.models.resolve import load_model
 from tunelens.sites import Site
 from tunelens.tasks.entity_tracking import EntityTrackingConfig, generate
 

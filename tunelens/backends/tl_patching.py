@@ -1,6 +1,6 @@
 """transformer-lens' own activation patching (``transformer_lens.patching``) over a bridge backend.
 
-The reference the fast patching engine of ``circuits.patching`` is tested and benchmarked against: one
+The reference the fast patching engine of ``circuits.patching.engine`` is tested and benchmarked against: one
 full forward of the corrupted prompts per patched site, through the ``TransformerBridge`` of a
 :class:`~tunelens.backends.bridge.BridgeBackend` (TL 4.x has no ``HookedTransformer``; the bridge offers
 the ``cfg``, ``run_with_cache`` and ``run_with_hooks`` that the patching module needs).

@@ -27,6 +27,7 @@ import torch
 from tunelens.errors import ModelLoadError, ZooError
 from tunelens.models.finetune import FinetuneConfig, answer_accuracy, finetune
 from tunelens.models.loaded import LoadedModel, ModelSource
+from tunelens.models.loading import convert_gguf, load_adapter_pair, load_hf_folder
 from tunelens.models.pair import ModelFamily, ModelPair
 from tunelens.paths import data_home, zoo_dir
 from tunelens.tasks.base import Dataset
@@ -292,8 +293,6 @@ def _build_root(name: str, progress: Progress) -> dict[str, Any]:
                 "seed": 0,
             }
         if name == "smollm2":
-            from tunelens.models.loading import convert_gguf
-
             progress("smollm2: converting the GGUF to safetensors (about 30 s, once)")
             convert_gguf(smollm2_gguf(), out=tmp / "hf")
             return {
@@ -303,8 +302,6 @@ def _build_root(name: str, progress: Progress) -> dict[str, Any]:
                 "seconds": round(time.time() - t0, 1),
             }
         if name == "gemma3-270m":
-            from tunelens.models.loading import convert_gguf
-
             progress("gemma3-270m: assembling and converting the GGUF to safetensors (about 2 minutes, once)")
             gguf = gemma_gguf()
             convert_gguf(gguf, out=tmp / "hf")
@@ -395,7 +392,6 @@ def _folder(name: str) -> Path:
 
 def load(name: str, *, device: str = "cpu", build_missing: bool = True) -> LoadedModel:
     """A zoo model as a plain HF model (a LoRA entry is merged onto its base)."""
-    from tunelens.models.loading import load_adapter_pair, load_hf_folder
 
     e = entry(name)
     if not is_built(name):
@@ -408,13 +404,19 @@ def load(name: str, *, device: str = "cpu", build_missing: bool = True) -> Loade
     return load_hf_folder(_folder(name), device=device, source=src, name=name)
 
 
-def load_pair(name: str, *, device: str = "cpu") -> ModelPair:
-    """A zoo pair; a LoRA pair shares one set of base weights, with the adapter switched off for base."""
-    from tunelens.models.loading import load_adapter_pair
+def load_pair(name: str, *, device: str = "cpu", progress: Progress | None = None) -> ModelPair:
+    """A zoo pair; a LoRA pair shares one set of base weights, with the adapter switched off for base.
+
+    Models not built yet are built first (once; ``progress`` hears what is built and how it goes)."""
 
     if name not in PAIRS:
         raise ZooError(f"unknown zoo pair {name!r}; pairs: {', '.join(PAIRS)}")
     base_name, tuned_name = PAIRS[name]
+    for model in (base_name, tuned_name):
+        if not is_built(model):
+            if progress is not None:
+                progress(f"building zoo model {model} (once; cached under {zoo_dir()})")
+            build(model, progress=(lambda msg: progress("  " + msg)) if progress is not None else None)
     base = load(base_name, device=device)
     if entry(tuned_name).kind == "lora":
         if not is_built(tuned_name):

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from circuits.knob_data import KnobItems
+from circuits.knob.data import KnobItems
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.tiny import TinyConfig, tiny_llama
 from tunelens.tasks.base import answer_token_id, encode_prompts

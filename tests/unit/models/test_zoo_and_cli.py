@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tunelens.cli import main
+from tunelens.faces.cli import main
 from tunelens.models import zoo
 
 
