@@ -1,15 +1,21 @@
 """Checks of what a user types into the app (model references, prompts) and helpers of the live parts
-shared by the Pair, Patching and Context-knob pages. Each check raises a TunelensError naming what was
-expected and what arrived; the page shows its message and goes on."""
+shared by the Pair, Patching, Context-knob and Jobs pages (among them: which optional extra is missing).
+Each check raises a TunelensError naming what was expected and what arrived; the page shows its message
+and goes on."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from typing import Any
 
 from tunelens.errors import ConfigError, PromptError
+from tunelens.studies import EXTRAS as STUDY_EXTRAS
 
 MAX_LIVE_TOKENS = 256
+EXTRAS: dict[str, str] = {"ray": "ray", **STUDY_EXTRAS}
+"""The optional extras of pyproject.toml the app meets -> the module that shows each is installed."""
+ZOO_EXTRAS: dict[str, str] = {"gemma3-270m": "gemma"}
+"""Zoo models (roots) that load from an optional extra's wheels (tunelens.models.zoo.gemma_gguf)."""
 
 
 def encode_live(pair: Any, prompt: str, what: str = "prompt"):
@@ -52,13 +58,28 @@ def encode_with_counterfactual(pair: Any, prompt: str, counterfactual: str):
     return clean, corrupt
 
 
-def optional(module: str, name: str) -> Any | None:
-    """``module.name`` if that analysis API exists in this install, else None."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
+def missing_extra(extra: str, what: str) -> str | None:
+    """What to tell the user when ``what`` needs the optional extra ``extra`` and it is not installed (None
+    when it is): decided by looking for that extra's own module, never by catching an ImportError."""
+    module = EXTRAS[extra]
+    if importlib.util.find_spec(module) is not None:
         return None
-    return getattr(mod, name, None)
+    return (
+        f"{what} needs the optional extra '{extra}', which is not installed (no module {module}): "
+        f"pip install 'tunelens[{extra}]'"
+    )
+
+
+def zoo_extra(pair_name: str) -> str | None:
+    """The optional extra the zoo pair ``pair_name`` needs to load (its root model's wheels), or None."""
+    from tunelens.models import zoo
+
+    for model in zoo.PAIRS.get(pair_name, ()):
+        while zoo.entry(model).base is not None:
+            model = zoo.entry(model).base
+        if model in ZOO_EXTRAS:
+            return ZOO_EXTRAS[model]
+    return None
 
 
 def c_range(result: Any, name: str, direction: Any) -> tuple[float, float]:

@@ -22,6 +22,8 @@ tier=${1:-all}
 py=.venv/bin/python
 $py -m ruff check .
 $py -m ruff format --check .
+# The dependency rule and no import circles (the contracts in pyproject.toml).
+.venv/bin/lint-imports --no-cache
 unit_tier() { $py -m pytest -m "not integration and not app" "$@"; }
 # The unit tier a second time on another float summation order, so that a test that holds only for this
 # CPU's order fails here and not on a user's machine: MKL's AVX2 code path where the default is AVX-512

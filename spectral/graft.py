@@ -51,6 +51,7 @@ from tunelens.errors import ConfigError, PairIncompatibleError, TaskError
 from tunelens.metrics import bootstrap_means, ece, percentile_ci
 from tunelens.models.loaded import LoadedModel
 from tunelens.models.pair import ModelPair
+from tunelens.readout import answer_index, candidate_logits, last_logits
 from tunelens.results import Result, pair_provenance
 from tunelens.tasks.base import Dataset, Encoded
 from tunelens.weights import (
@@ -277,23 +278,9 @@ def saturated_fraction(
 
 
 def _forward_last(model: LoadedModel, params: Mapping[str, Tensor] | None, enc: Encoded) -> Tensor:
-    last = enc.tokens.last
-    keep, inverse = torch.unique(last, return_inverse=True)
-    kwargs = {
-        "input_ids": enc.tokens.input_ids,
-        "attention_mask": enc.tokens.attention_mask,
-        "logits_to_keep": keep,
-    }
     with model.active() as module:
-        out = functional_forward(module, params, **kwargs) if params else module(**kwargs)
-    return out.logits[torch.arange(len(last)), inverse]
-
-
-def _candidate_logits(logits: Tensor, enc: Encoded) -> tuple[Tensor, Tensor]:
-    cand = enc.candidate_ids.clamp(min=0)
-    cl = logits.gather(1, cand).masked_fill(enc.candidate_ids < 0, float("-inf"))
-    label = (enc.candidate_ids == enc.answer_ids[:, None]).float().argmax(1)
-    return cl, label
+        forward = (lambda **kw: functional_forward(module, params, **kw)) if params else None
+        return last_logits(module, enc.tokens, forward=forward)
 
 
 @torch.no_grad()
@@ -305,7 +292,10 @@ def _predictions(
     for start in range(0, len(enc), batch_size):
         part = enc.select(slice(start, start + batch_size))
         logits = _forward_last(model, params, part)
-        cl, label = _candidate_logits(logits, part)
+        cl, label = (
+            candidate_logits(logits, part.candidate_ids),
+            answer_index(part.candidate_ids, part.answer_ids),
+        )
         probs.append(cl.softmax(-1).double())
         labels.append(label)
         loss += float(torch.nn.functional.cross_entropy(logits.float(), part.answer_ids, reduction="sum"))

@@ -37,9 +37,9 @@ from torch import Tensor
 from spectral.drift import GeneralText, continuation_loss
 from spectral.engine import BASELINES, PassOutput, read_stack, run_pass, select_names
 from tunelens.errors import ConfigError
-from tunelens.models.finetune import answer_accuracy
 from tunelens.models.loaded import LoadedModel
 from tunelens.models.pair import ModelPair
+from tunelens.readout import answer_accuracy
 from tunelens.results import Result
 from tunelens.tasks.base import Encoded
 from tunelens.weights import MATRIX_KINDS, MatrixName, read_matrix, swapped_matrices

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common, live
+from circuits.knob.steering import steer
 from tunelens.errors import TunelensError
 from tunelens.faces.atlas import directions_in
 
@@ -22,10 +23,6 @@ if pair is None:
     st.stop()
 if not entries:
     st.info("Live steering needs a saved knob result (its direction); none is in this results folder.")
-    st.stop()
-steer = live.optional("circuits.knob.steering", "steer")
-if steer is None:
-    st.warning("Live steering needs circuits.knob.steering.steer, which this install does not have.")
     st.stop()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common, live
+from circuits.patching.live import live_sweep
 from tunelens.errors import TunelensError
 
 common.analysis_page("patching")
@@ -35,16 +36,9 @@ role = st.radio("Model", ["tuned", "base"], horizontal=True, key="sweep_role")
 if st.button("Run the sweep", type="primary", key="sweep_run"):
     try:
         live.encode_with_counterfactual(pair, prompt, counter)
-        sweep = live.optional("circuits", "live_sweep")
-        if sweep is None:
-            st.warning(
-                "The live sweep needs the circuits package's attribution API (circuits.live_sweep), "
-                "which this install does not have yet; saved patching results are shown above."
-            )
-        else:
-            with st.spinner("attribution over every site, then exact patching of the top sites ..."):
-                result = sweep(pair[role], prompt, counter, top_k=top_k)
-            common.show_summary(result.summary())
-            st.plotly_chart(result.figure(), width="stretch", key="sweep_fig")
+        with st.spinner("attribution over every site, then exact patching of the top sites ..."):
+            result = live_sweep(pair[role], prompt, counter, top_k=top_k)
+        common.show_summary(result.summary())
+        st.plotly_chart(result.figure(), width="stretch", key="sweep_fig")
     except TunelensError as exc:
         st.error(str(exc))

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tunelens import readout
 from tunelens.backends.base import TokenBatch, Write
 from tunelens.errors import SiteError
 from tunelens.sites import Site
@@ -102,7 +103,7 @@ def candidate_logits(
 ) -> Float[Tensor, "batch 2"]:
     """The logits of each prompt's two candidate answers (column 0 prior, 1 context)."""
     logits = last_logits(model, tokens, writes=writes, batch_size=batch_size)
-    return logits.gather(1, candidates.to(logits.device)).cpu()
+    return readout.candidate_logits(logits, candidates).cpu()
 
 
 def picks_context(cand_logits: Float[Tensor, "batch 2"]) -> Tensor:

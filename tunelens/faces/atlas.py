@@ -3,8 +3,10 @@
 Two parts:
 
 * **Findings** — for each saved result in a results folder, the rows of its ``to_frame()`` that belong to
-  the layer (a ``layer`` column, a matrix name such as ``L5.q`` or a site such as ``resid_post.5``): probe
-  accuracy, patching / CMAP effects of the layer's heads, intruder dimensions, grafted parameters.
+  the layer, read from the column the result's type declares (:attr:`Result.layer_column
+  <tunelens.results.Result.layer_column>`: a layer number, a Site, a site such as ``resid_post.5`` or a
+  matrix name such as ``L5.q``): probe accuracy, patching / CMAP effects of the layer's heads, intruder
+  dimensions. A result that declares no layer column has no rows at a layer.
 * **Geometry** — cosines between the singular vectors of the layer's matrices that live in the residual
   stream and the :class:`~tunelens.directions.Direction` s (probe weights, the context knob) read at the
   matching residual sites, in raw activation space:
@@ -30,6 +32,10 @@ Two parts:
   is reported, with the chance level of a random direction, ``sqrt(2 / (π d_model))``, and the fraction
   of each direction's squared length inside the top-k subspace (chance ``k / d_model``).
 
+What is kept between calls (decompositions by matrix content, results' frames, loaded results) lives in
+an :class:`AtlasCache` the caller holds and passes in (the app keeps one per server); without one, each
+call makes its own and nothing is shared.
+
 Example:
     >>> import torch
     >>> from tunelens.faces.atlas import top_singular
@@ -41,10 +47,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -111,12 +119,12 @@ class AtlasConfig:
 
 
 # -- the weights in residual space ---------------------------------------------------------------------
-def _gain(norm: torch.nn.Module | None, d: int) -> Tensor:
-    """The diagonal gain of an RMSNorm (Gemma's norms scale by ``1 + weight``)."""
+def _gain(norm: torch.nn.Module | None, d: int, gemma: bool) -> Tensor:
+    """The diagonal gain of an RMSNorm (Gemma's norms, ``gemma``, scale by ``1 + weight``)."""
     if norm is None:
         return torch.ones(d)
     w = norm.weight.detach().float().cpu()
-    return w + 1.0 if "gemma" in type(norm).__name__.lower() else w
+    return w + 1.0 if gemma else w
 
 
 def _norm_for(block: torch.nn.Module, kind: str, side: Side, architecture: str) -> torch.nn.Module | None:
@@ -144,10 +152,12 @@ def residual_matrix(model: Any, layer: int, kind: str) -> Float[Tensor, "d_out d
         raise ConfigError(f"layer {layer} is outside the model's {model.dims.n_layers} layers")
     w = read_matrix(model.module, MatrixName(layer, kind), adapter=model.adapter is not False)  # type: ignore[arg-type]
     block = model.hf.model.layers[layer]
-    norm = _norm_for(block, kind, comp.side, model.dims.architecture)
+    architecture = model.dims.architecture
+    norm = _norm_for(block, kind, comp.side, architecture)
+    gemma = architecture.startswith("Gemma")
     if comp.side == "write":
-        return _gain(norm, w.shape[0])[:, None] * w
-    return w * _gain(norm, w.shape[1])[None, :]
+        return _gain(norm, w.shape[0], gemma)[:, None] * w
+    return w * _gain(norm, w.shape[1], gemma)[None, :]
 
 
 def _n_computed(k: int, n: int) -> int:
@@ -176,7 +186,8 @@ def top_singular(matrix: Tensor, k: int, *, side: Side) -> tuple[Tensor, Tensor]
     Vectors whose singular value is zero (below 1e-6 of the largest) are not defined and are left out. Each
     vector's sign is fixed so that its largest-magnitude entry is positive (a singular vector's sign is
     arbitrary; this makes it reproducible). Computed for :func:`_n_computed` vectors and cut to ``k``, so
-    the answer for ``k`` is the same whether or not a decomposition was cached (:data:`SVD_CACHE`).
+    the answer for ``k`` is the same whether or not a decomposition was cached
+    (:meth:`AtlasCache.top_singular`).
     """
     vecs, sigma = _top_singular(matrix, _n_computed(k, min(matrix.shape)), side)
     return vecs[:, :k], sigma[:k]
@@ -200,37 +211,6 @@ def _top_singular(matrix: Tensor, k: int, side: Side) -> tuple[Tensor, Tensor]:
         flip = vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)).sign()
         vecs = vecs * torch.where(flip == 0, 1.0, flip)
     return vecs.float(), sigma.float()
-
-
-def cached_top_singular(matrix: Tensor, k: int, *, side: Side) -> tuple[Tensor, Tensor]:
-    """:func:`top_singular` through :data:`SVD_CACHE` (keyed by the matrix's content, the side and the
-    number of vectors computed for ``k``): another ``k`` up to 16 reuses the same decomposition."""
-    n = _n_computed(k, min(matrix.shape))
-    vecs, sigma = SVD_CACHE.get((_digest(matrix), side, n), lambda: _top_singular(matrix, n, side))
-    return vecs[:, :k], sigma[:k]
-
-
-class _SVDCache:
-    """Top singular vectors per (matrix content, side, number computed), kept across atlas calls: the page
-    recomputes the atlas when the user moves between layers, changes k or the results folder changes."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size, self.data = size, OrderedDict()
-
-    def get(self, key: tuple, compute) -> tuple[Tensor, Tensor]:
-        if key in self.data:
-            self.data.move_to_end(key)
-            return self.data[key]
-        value = self.data[key] = compute()
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self.data.clear()
-
-
-SVD_CACHE = _SVDCache()
 
 
 def chance_cosine(d: int) -> float:
@@ -321,40 +301,101 @@ def _layer_of_cell(value: Any) -> int | None:
     return None
 
 
-def _layer_column(frame: Any):
-    """The layer of each row of a result's frame (from a ``layer``, ``matrix``, ``site`` or ``name``
-    column), or None when the frame has no such column."""
-    if frame is None or not hasattr(frame, "columns"):
+def row_layers(frame: Any, column: str | None):
+    """The layer of each row of a result's frame, read from ``column`` (the result type's
+    :attr:`~tunelens.results.Result.layer_column`), or None when there is none: no column declared, the
+    frame has no such column, or none of its cells names a layer."""
+    if column is None or frame is None or not hasattr(frame, "columns") or column not in frame.columns:
         return None
-    for col in ("layer", "matrix", "site", "name"):
-        if col in frame.columns:
-            layers = frame[col].map(_layer_of_cell)
-            if layers.notna().any():
-                return layers
-    return None
+    layers = frame[column].map(_layer_of_cell)
+    return layers if layers.notna().any() else None
 
 
-def rows_at_layer(frame: Any, layer: int, layers: Any = None):
-    """The rows of a result's frame that belong to ``layer`` (None when the frame has no layer column).
-    ``layers``: the frame's :func:`_layer_column`, when already known."""
-    layers = _layer_column(frame) if layers is None else layers
+def rows_at_layer(frame: Any, layer: int, column: str | None = "layer", layers: Any = None):
+    """The rows of a result's frame that belong to ``layer``, by its layer ``column`` (None when it has no
+    layer rows). ``layers``: the frame's :func:`row_layers`, when already known."""
+    layers = row_layers(frame, column) if layers is None else layers
     if layers is None:
         return None
     return frame[layers == layer].reset_index(drop=True)
 
 
-_FRAMES: dict[int, tuple[Any, Any]] = {}
+def result_rows_at_layer(result: Result, layer: int, cache: AtlasCache | None = None):
+    """The rows of ``result.to_frame()`` at ``layer``, by the column its type declares
+    (``type(result).layer_column``); None when it declares none or has no layer rows."""
+    frame, layers = (cache or AtlasCache()).frame_layers(result)
+    return rows_at_layer(frame, layer, layers=layers) if layers is not None else None
 
 
-def _frame_layers(result: Any) -> tuple[Any, Any]:
-    """``result.to_frame()`` and its layer column, computed once per result object (the atlas of every
-    layer reads the same frames)."""
-    key = id(result)
-    if key not in _FRAMES:
+# -- what is kept between calls ------------------------------------------------------------------------
+class AtlasCache:
+    """What the atlas keeps between calls, held by the caller (the app keeps one per server process):
+
+    * the top singular vectors of each matrix, keyed by the matrix's content, the side and the number of
+      vectors computed (at most ``svd_size``, least recently used out): the page recomputes the atlas when
+      the user moves between layers, changes k or the results folder changes;
+    * each result's ``to_frame()`` and its rows' layers, per result object (dropped with the object);
+    * the results loaded from a folder, per (folder, modification time of its result.json) (at most
+      ``results_size``).
+
+    Safe to share between threads (Streamlit sessions): each store is read and written under a lock; a
+    value computed twice at once is the same value.
+    """
+
+    def __init__(self, *, svd_size: int = 256, results_size: int = 64) -> None:
+        self.svd_size, self.results_size = svd_size, results_size
+        self.svd: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self.frames: dict[int, tuple[Any, Any]] = {}
+        self.loaded: OrderedDict[tuple[str, float], Result] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _lru(self, store: OrderedDict, size: int, key: Any, compute) -> Any:
+        with self._lock:
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
+        value = compute()
+        with self._lock:
+            store[key] = value
+            store.move_to_end(key)
+            while len(store) > size:
+                store.popitem(last=False)
+        return value
+
+    def top_singular(self, matrix: Tensor, k: int, *, side: Side) -> tuple[Tensor, Tensor]:
+        """:func:`top_singular` through the cache: another ``k`` up to 16 reuses the same decomposition,
+        and weights changed in place are never answered from it (the key is the matrix's content)."""
+        n = _n_computed(k, min(matrix.shape))
+        compute = functools.partial(_top_singular, matrix, n, side)
+        vecs, sigma = self._lru(self.svd, self.svd_size, (_digest(matrix), side, n), compute)
+        return vecs[:, :k], sigma[:k]
+
+    def frame_layers(self, result: Result) -> tuple[Any, Any]:
+        """``result.to_frame()`` and the layer of each of its rows (:func:`row_layers` of the column its
+        type declares), computed once per result object (the atlas of every layer reads the same frames)."""
+        key = id(result)
+        with self._lock:
+            hit = self.frames.get(key)
+        if hit is not None:
+            return hit
         frame = result.to_frame()
-        _FRAMES[key] = (frame, _layer_column(frame))
-        weakref.finalize(result, _FRAMES.pop, key, None)
-    return _FRAMES[key]
+        value = (frame, row_layers(frame, type(result).layer_column))
+        with self._lock:
+            if key not in self.frames:
+                self.frames[key] = value
+                weakref.finalize(result, self.frames.pop, key, None)
+            return self.frames[key]
+
+    def load(self, path: str | os.PathLike[str], mtime: float) -> Result:
+        """A saved result, loaded once per (folder, modification time of its result.json)."""
+        key = (str(path), mtime)
+        return self._lru(self.loaded, self.results_size, key, functools.partial(load_result, path))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.svd.clear()
+            self.frames.clear()
+            self.loaded.clear()
 
 
 # -- the result ----------------------------------------------------------------------------------------
@@ -499,11 +540,13 @@ def compute_atlas(
     *,
     directions: Sequence[Direction] = (),
     results: Iterable[tuple[str, Result]] = (),
+    cache: AtlasCache | None = None,
 ) -> AtlasResult:
     """The atlas of ``cfg.layer`` for ``pair``: geometry against ``directions`` plus those found in
-    ``results`` (name, Result), and each result's rows at the layer.
+    ``results`` (name, Result), and each result's rows at the layer (by its declared layer column).
 
-    Results computed on another pair raise :class:`PairIncompatibleError`.
+    ``cache``: decompositions and frames kept from earlier calls (an :class:`AtlasCache`); without one, a
+    fresh one for this call. Results computed on another pair raise :class:`PairIncompatibleError`.
     """
     import pandas as pd
 
@@ -512,6 +555,7 @@ def compute_atlas(
         raise ConfigError(
             f"layer {cfg.layer} is outside the pair's {dims.n_layers} layers (0..{dims.n_layers - 1})"
         )
+    cache = AtlasCache() if cache is None else cache
     hashes = pair.hashes()
     dirs = list(directions)
     findings: dict[str, Any] = {}
@@ -531,15 +575,14 @@ def compute_atlas(
             if d.site.layer == cfg.layer or d.site.kind == "resid_pre"  # the next layer's only via resid_pre
         ]
         try:
-            frame, layers = _frame_layers(result)
-            rows = rows_at_layer(frame, cfg.layer, layers)
+            rows = result_rows_at_layer(result, cfg.layer, cache)
         except (NotImplementedError, TunelensError, ValueError, KeyError) as exc:
             log.warning("atlas: %s.to_frame() failed: %s", name, exc)
             rows = None
         if rows is not None and len(rows):
             findings[name] = rows
     with one_thread():
-        geometry, spectra, skipped = _geometry(pair, cfg, dirs, hashes)
+        geometry, spectra, skipped = _geometry(pair, cfg, dirs, hashes, cache)
     columns = ["matrix", "side", "model", "direction", "direction_site", "direction_model", "index", "sigma",
                "cos", "abs_cos", "captured_topk"]  # fmt: skip
     return AtlasResult(
@@ -563,7 +606,7 @@ def _digest(matrix: Tensor) -> str:
     return h.hexdigest()
 
 
-def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[str, str]):
+def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[str, str], cache: AtlasCache):
     """Rows of cosines and singular values, and the directions no matrix of the layer meets."""
     role_of = {h: r for r, h in hashes.items()}
     geometry, spectra, skipped, used = [], [], [], set()
@@ -575,7 +618,7 @@ def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[s
         mats["delta"] = mats["tuned"] - mats["base"]
         mname = str(MatrixName(cfg.layer, comp.kind))  # type: ignore[arg-type]
         for role, mat in mats.items():
-            vecs, sigma = cached_top_singular(mat, cfg.k, side=comp.side)
+            vecs, sigma = cache.top_singular(mat, cfg.k, side=comp.side)
             for i, s in enumerate(sigma.tolist(), start=1):
                 spectra.append({"matrix": mname, "side": comp.side, "model": role, "index": i, "sigma": s})
             if sigma.numel() == 0 or float(sigma[0]) <= 1e-12:
@@ -601,14 +644,19 @@ def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[s
     return geometry, spectra, skipped
 
 
-def atlas_from_folder(pair: Any, cfg: AtlasConfig, results_dir: str | os.PathLike[str]) -> AtlasResult:
-    """:func:`compute_atlas` with every result saved in ``results_dir`` (atlas results excluded).
+def atlas_from_folder(
+    pair: Any, cfg: AtlasConfig, results_dir: str | os.PathLike[str], *, cache: AtlasCache | None = None
+) -> AtlasResult:
+    """:func:`compute_atlas` with every result saved in ``results_dir`` but atlases and results of types
+    no analysis claims (each entry's declared analysis, :attr:`Entry.analysis
+    <tunelens.faces.catalog.Entry.analysis>`).
 
     Results of another pair (the demo folder holds the knob of its own pair) are left out and named in
-    ``skipped``.
+    ``skipped``. ``cache``: as for :func:`compute_atlas`; it also keeps the loaded results.
     """
     from tunelens.faces.catalog import pair_mismatches, scan
 
+    cache = AtlasCache() if cache is None else cache
     loaded, notes = [], []
     hashes = pair.hashes()
     for entry in scan(results_dir):
@@ -619,26 +667,11 @@ def atlas_from_folder(pair: Any, cfg: AtlasConfig, results_dir: str | os.PathLik
             notes.append(f"{other[0]}; left out")
             continue
         try:
-            loaded.append((entry.name, _load_cached(entry.path, entry.mtime)))
+            loaded.append((entry.name, cache.load(entry.path, entry.mtime)))
         except StoreError as exc:
             notes.append(f"{entry.name} cannot be read ({exc}); left out")
-    result = compute_atlas(pair, cfg, results=loaded)
+    result = compute_atlas(pair, cfg, results=loaded, cache=cache)
     return dataclasses.replace(result, skipped=[*notes, *result.skipped])
-
-
-_LOADED: OrderedDict[tuple[str, float], Result] = OrderedDict()
-
-
-def _load_cached(path: Path, mtime: float, size: int = 64) -> Result:
-    """A saved result, loaded once per (folder, modification time of its result.json)."""
-    key = (str(path), mtime)
-    if key in _LOADED:
-        _LOADED.move_to_end(key)
-        return _LOADED[key]
-    result = _LOADED[key] = load_result(path)
-    while len(_LOADED) > size:
-        _LOADED.popitem(last=False)
-    return result
 
 
 def default_path(results_dir: str | os.PathLike[str], layer: int) -> Path:

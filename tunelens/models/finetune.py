@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError
+from tunelens.readout import last_logits
 from tunelens.tasks.base import Dataset, Encoded
 
 log = logging.getLogger(__name__)
@@ -50,40 +50,9 @@ class FinetuneConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
-def last_logits(model: nn.Module, tokens: TokenBatch) -> torch.Tensor:
-    """Next-token logits at each prompt's last real token, ``(batch, d_vocab)``.
-
-    Only the positions that are some prompt's last are unembedded (``logits_to_keep``): with Gemma's
-    262k-token vocabulary the unembedding of every position costs more than the rest of the model.
-    """
-    last = tokens.last
-    keep, inverse = torch.unique(last, return_inverse=True)
-    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, logits_to_keep=keep)
-    return out.logits[torch.arange(len(last)), inverse]
-
-
 def answer_loss(model: nn.Module, enc: Encoded) -> torch.Tensor:
     """Mean cross-entropy of the answer token at each prompt's last position."""
     return nn.functional.cross_entropy(last_logits(model, enc.tokens), enc.answer_ids)
-
-
-@torch.no_grad()
-def answer_accuracy(model: nn.Module, enc: Encoded, batch_size: int = 64) -> tuple[float, float]:
-    """(accuracy restricted to each example's candidates, full-vocabulary argmax accuracy)."""
-    was_training = model.training
-    model.eval()
-    hits_r = hits_f = 0
-    for start in range(0, len(enc), batch_size):
-        part = enc.select(slice(start, start + batch_size))
-        last = last_logits(model, part.tokens)
-        cand = part.candidate_ids.clamp(min=0)
-        cand_logits = last.gather(1, cand).masked_fill(part.candidate_ids < 0, float("-inf"))
-        hits_r += (
-            (cand.gather(1, cand_logits.argmax(1, keepdim=True)).squeeze(1) == part.answer_ids).sum().item()
-        )
-        hits_f += (last.argmax(1) == part.answer_ids).sum().item()
-    model.train(was_training)
-    return hits_r / len(enc), hits_f / len(enc)
 
 
 def prepare(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:

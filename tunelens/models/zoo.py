@@ -25,11 +25,12 @@ from typing import Any, Literal
 import torch
 
 from tunelens.errors import ModelLoadError, ZooError
-from tunelens.models.finetune import FinetuneConfig, answer_accuracy, finetune
+from tunelens.models.finetune import FinetuneConfig, finetune
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.loading import convert_gguf, load_adapter_pair, load_hf_folder
 from tunelens.models.pair import ModelFamily, ModelPair
 from tunelens.paths import data_home, zoo_dir
+from tunelens.readout import answer_accuracy
 from tunelens.tasks.base import Dataset
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,14 @@ import torch
 from tests.conftest import make_tiny
 from tunelens.directions import Direction
 from tunelens.errors import ConfigError, PairIncompatibleError
-from tunelens.faces.atlas import AtlasConfig, AtlasResult, atlas_from_folder, compute_atlas, rows_at_layer
+from tunelens.faces.atlas import (
+    AtlasCache,
+    AtlasConfig,
+    AtlasResult,
+    atlas_from_folder,
+    compute_atlas,
+    rows_at_layer,
+)
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
 from tunelens.models.tiny import TinyConfig, tiny_gemma
@@ -171,10 +178,55 @@ def test_findings_and_directions_come_from_results(planted, tmp_path):
 
 def test_rows_at_layer_reads_matrix_and_site_columns():
     f = pd.DataFrame({"matrix": ["L0.q", "L3.down", "L3.o"], "n": [1, 2, 3]})
-    assert rows_at_layer(f, 3).n.tolist() == [2, 3]
+    assert rows_at_layer(f, 3, "matrix").n.tolist() == [2, 3]
     f = pd.DataFrame({"site": ["resid_post.2", "z.2.1", "resid_post.4"], "n": [1, 2, 3]})
-    assert rows_at_layer(f, 2).n.tolist() == [1, 2]
-    assert rows_at_layer(pd.DataFrame({"x": [1]}), 0) is None
+    assert rows_at_layer(f, 2, "site").n.tolist() == [1, 2]
+    f = pd.DataFrame({"site": [Site("resid_mid", 2), Site("z", 0, head=1)], "n": [1, 2]})
+    assert rows_at_layer(f, 0, "site").n.tolist() == [2]
+    assert rows_at_layer(pd.DataFrame({"x": [1]}), 0) is None  # no "layer" column
+    assert rows_at_layer(pd.DataFrame({"layer": [0]}), 0, None) is None  # no layer column declared
+
+
+@dataclass(frozen=True, kw_only=True)
+class _BySite(_Found):
+    layer_column: ClassVar[str | None] = "site"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ByMatrix(_Found):
+    layer_column: ClassVar[str | None] = "matrix"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NoLayers(_Found):
+    layer_column: ClassVar[str | None] = None
+
+
+def test_findings_follow_the_layer_column_each_result_declares(planted):
+    """Each result's rows at the layer are read from the column its type declares, never guessed: a
+    ``site`` or ``matrix`` column when declared, ``layer`` by default, none when it declares None (even if
+    its frame has a column that looks like layers)."""
+    pair, d = planted
+    prov = {"name": "planted", **pair.hashes()}
+    knob = Direction(site=Site("resid_mid", LAYER), vector=torch.tensor(d), name="knob")
+    frame = pd.DataFrame(
+        {
+            "layer": [1, 0, 0],  # disagrees with the other columns on purpose
+            "matrix": ["L0.q", "L1.down", "L1.o"],
+            "site": ["resid_post.1", "z.1.2", "resid_mid.0"],
+            "value": [10, 20, 30],
+        }
+    )
+    results = [
+        ("by-layer", _Found(frame=frame, knob=knob, pair=prov)),
+        ("by-site", _BySite(frame=frame, knob=knob, pair=prov)),
+        ("by-matrix", _ByMatrix(frame=frame, knob=knob, pair=prov)),
+        ("none", _NoLayers(frame=frame, knob=knob, pair=prov)),
+        ("no-such-column", _BySite(frame=frame.drop(columns="site"), knob=knob, pair=prov)),
+    ]
+    res = compute_atlas(pair, AtlasConfig(layer=LAYER, k=2), results=results)
+    found = {name: rows.value.tolist() for name, rows in res.findings.items()}
+    assert found == {"by-layer": [10], "by-site": [10, 20], "by-matrix": [20, 30]}
 
 
 def test_bad_config_says_what_is_wrong(planted):
@@ -217,25 +269,57 @@ def test_top_singular_is_the_svd_whichever_gram_it_uses(shape, side):
 def test_cached_decompositions_give_identical_atlases(planted):
     """The atlas from a cold cache, from a warm one, after another k, and after the weights changed in place
     (the cache is keyed by the matrices' contents, so it never answers for other weights)."""
-    from tunelens.faces.atlas import SVD_CACHE
-
     pair, d = planted
     probe = Direction(site=Site("resid_mid", LAYER), vector=torch.tensor(d), name="probe")
     cfg = AtlasConfig(layer=LAYER, k=4)
-    SVD_CACHE.clear()
-    cold = compute_atlas(pair, cfg, directions=[probe])
-    assert 0 < len(SVD_CACHE.data) <= 3 * 7  # equal matrices (the zero deltas of the same shape) share one
-    compute_atlas(pair, AtlasConfig(layer=LAYER, k=8), directions=[probe])
-    warm = compute_atlas(pair, cfg, directions=[probe])
+    cache = AtlasCache()
+    cold = compute_atlas(pair, cfg, directions=[probe], cache=cache)
+    assert 0 < len(cache.svd) <= 3 * 7  # equal matrices (the zero deltas of the same shape) share one
+    n_cold = len(cache.svd)
+    compute_atlas(pair, AtlasConfig(layer=LAYER, k=8), directions=[probe], cache=cache)
+    assert len(cache.svd) == n_cold, "k = 8 reuses the decompositions made for k = 4"
+    warm = compute_atlas(pair, cfg, directions=[probe], cache=cache)
     pd.testing.assert_frame_equal(warm.geometry, cold.geometry, check_exact=True)
     pd.testing.assert_frame_equal(warm.spectra, cold.spectra, check_exact=True)
+    uncached = compute_atlas(pair, cfg, directions=[probe])  # a private cache of its own
+    pd.testing.assert_frame_equal(uncached.geometry, cold.geometry, check_exact=True)
     o_proj = pair.tuned.module.model.layers[LAYER].self_attn.o_proj
     with torch.no_grad():
         o_proj.weight.mul_(2.0)
     try:
-        doubled = compute_atlas(pair, cfg, directions=[probe]).spectra
+        doubled = compute_atlas(pair, cfg, directions=[probe], cache=cache).spectra
     finally:
         with torch.no_grad():
             o_proj.weight.div_(2.0)
     rows = (doubled.matrix == "L1.o") & (doubled.model == "tuned")
     np.testing.assert_allclose(doubled[rows].sigma, 2 * cold.spectra[rows].sigma, rtol=1e-5)
+
+
+def test_caches_are_the_callers_and_bounded(planted, tmp_path):
+    """Nothing is kept in the module between calls: a call without a cache leaves no state behind, and a
+    cache the caller holds keeps loaded results (once per result.json) and decompositions within its
+    limits."""
+    import tunelens.faces.atlas as atlas_module
+
+    pair, _ = planted
+    held = {
+        name: type(value).__name__
+        for name, value in vars(atlas_module).items()
+        if isinstance(value, AtlasCache | dict | list | set) and not name.startswith("__")
+    }
+    assert held == {}, f"module-level state in tunelens.faces.atlas: {held}"
+
+    from spectral.spectra import SpectrumConfig, spectra
+
+    spectra(pair.base, {"tuned": pair.tuned}, SpectrumConfig(kinds=("o", "q"))).save(tmp_path / "spectra")
+    cache = AtlasCache(svd_size=4, results_size=1)
+    first = atlas_from_folder(pair, AtlasConfig(layer=LAYER, k=2), tmp_path, cache=cache)
+    again = atlas_from_folder(pair, AtlasConfig(layer=0, k=2), tmp_path, cache=cache)
+    assert set(first.findings["spectra"].matrix) == {"L1.o", "L1.q"}
+    assert set(again.findings["spectra"].matrix) == {"L0.o", "L0.q"}
+    assert len(cache.loaded) == 1 and len(cache.svd) == 4
+    ((path, mtime), loaded) = next(iter(cache.loaded.items()))
+    assert cache.load(path, mtime) is loaded, "a result is loaded once per result.json"
+    pd.testing.assert_frame_equal(
+        first.geometry, atlas_from_folder(pair, AtlasConfig(layer=LAYER, k=2), tmp_path).geometry
+    )

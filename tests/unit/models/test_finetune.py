@@ -5,7 +5,8 @@ import torch
 
 from tests.conftest import ET_PROMPTS
 from tunelens.errors import ConfigError
-from tunelens.models.finetune import FinetuneConfig, answer_accuracy, finetune, last_logits
+from tunelens.models.finetune import FinetuneConfig, finetune
+from tunelens.readout import answer_accuracy, last_logits
 from tunelens.tasks import entity_tracking as et
 
 

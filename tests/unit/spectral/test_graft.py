@@ -10,7 +10,7 @@ import torch
 from spectral.graft import GraftConfig, GraftResult, evaluate, graft, graft_space, top_mask
 from tunelens.errors import ConfigError, PairIncompatibleError, TaskError
 from tunelens.metrics import ece
-from tunelens.models.finetune import answer_accuracy
+from tunelens.readout import answer_accuracy
 from tunelens.tasks import entity_tracking as et
 
 

@@ -167,7 +167,7 @@ def test_pair_entry_point(tiny_pair):
 def test_tradeoff_rows_against_direct_evaluation(base, tiny_tok):
     from spectral.drift import GeneralTextConfig, base_samples, continuation_loss
     from spectral.intruders import intruder_tradeoff
-    from tunelens.models.finetune import answer_accuracy
+    from tunelens.readout import answer_accuracy
     from tunelens.tasks import entity_tracking as et
 
     tuned, _ = planted(base)
