@@ -24,7 +24,10 @@ $py -m ruff check .
 $py -m ruff format --check .
 # The dependency rule and no import circles (the contracts in pyproject.toml).
 .venv/bin/lint-imports --no-cache
-unit_tier() { $py -m pytest -m "not integration and not app" "$@"; }
+# The unit tier includes the packages' doctests (the app's pages are Streamlit scripts, not modules).
+unit_tier() {
+  $py -m pytest -m "not integration and not app" tests tunelens probes circuits spectral --doctest-modules "$@"
+}
 # The unit tier a second time on another float summation order, so that a test that holds only for this
 # CPU's order fails here and not on a user's machine: MKL's AVX2 code path where the default is AVX-512
 # (as on this project's machines), its SSE code path otherwise, and one thread instead of the cores'

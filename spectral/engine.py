@@ -157,7 +157,7 @@ def run_pass(
     base_rows: list[Tensor] = []
     vectors: dict[str, dict[MatrixName, Tensor]] = {v: {} for v in all_variants} if keep_vectors else {}
     seconds: dict[str, float] = {"base": 0.0} | dict.fromkeys(all_variants, 0.0)
-    r_max = max(min(_shape(base, ns[0])) for ns in by_kind.values())
+    r_max = max(min(matrix_shape(base, ns[0])) for ns in by_kind.values())
 
     def add(variant: str, key: str, value: Tensor) -> None:
         rows.setdefault(variant, {}).setdefault(key, []).append(value)
@@ -226,7 +226,7 @@ def run_pass(
     return result
 
 
-def _shape(model: LoadedModel, name: MatrixName) -> tuple[int, int]:
+def matrix_shape(model: LoadedModel, name: MatrixName) -> tuple[int, int]:
     d = model.dims
     q, kv = d.n_heads * d.d_head, d.n_kv_heads * d.d_head
     return {

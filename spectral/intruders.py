@@ -307,14 +307,14 @@ def _rank_of(variant: str) -> int | None:
 
 
 def _k_max(config: IntruderConfig, names: Sequence[MatrixName], base: LoadedModel) -> int:
-    from spectral.engine import _shape
+    from spectral.engine import matrix_shape
 
-    bound = min(min(_shape(base, n)) for n in names)
+    bound = min(min(matrix_shape(base, n)) for n in names)
     if config.k > bound:
-        worst = min(names, key=lambda n: min(_shape(base, n)))
+        worst = min(names, key=lambda n: min(matrix_shape(base, n)))
         raise ConfigError(
             f"k={config.k} is larger than the rank of matrix {worst} "
-            f"({'×'.join(map(str, _shape(base, worst)))}, rank <= {bound}); choose k <= {bound}"
+            f"({'×'.join(map(str, matrix_shape(base, worst)))}, rank <= {bound}); choose k <= {bound}"
         )
     if config.k_max is not None:
         if config.k_max > bound:
@@ -431,9 +431,9 @@ def _heatmap(
 
 
 def _dims(base: LoadedModel, name: MatrixName) -> tuple[int, int]:
-    from spectral.engine import _shape
+    from spectral.engine import matrix_shape
 
-    return _shape(base, name)
+    return matrix_shape(base, name)
 
 
 # ------------------------------------------------------------------------------------ causal test

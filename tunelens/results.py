@@ -216,7 +216,10 @@ MOVED_MODULES: dict[str, str] = {
     "circuits.circuit_study": "circuits.studies.circuit",
     "tunelens.atlas": "tunelens.faces.atlas",
 }
-MOVED_TYPES: dict[str, str] = {}
+MOVED_TYPES: dict[str, str] = {
+    "circuits.faithfulness:CircuitResult": "circuits.circuit.result:CircuitResult",
+    "circuits.circuit.faithfulness:CircuitResult": "circuits.circuit.result:CircuitResult",
+}
 # The analysis of each result type saved before result.json carried its own (issue 17), by the type's
 # current name: folders written before keep landing on the right page.
 LEGACY_ANALYSIS: dict[str, str] = {
@@ -228,7 +231,7 @@ LEGACY_ANALYSIS: dict[str, str] = {
     "circuits.patching.result:PatchingResult": "patching",
     "circuits.patching.path_patching:PathPatchingResult": "patching",
     "circuits.circuit.dcm:DCMResult": "circuit",
-    "circuits.circuit.faithfulness:CircuitResult": "circuit",
+    "circuits.circuit.result:CircuitResult": "circuit",
     "circuits.circuit.groups:HeadGroupsResult": "circuit",
     "circuits.circuit.minimality:MinimalCircuitResult": "circuit",
     "spectral.graft:GraftResult": "skills",

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from circuits.circuit.faithfulness import HeadAt, MeanZ, Scope, _keep_masks, ablated_last, check_scope, mean_z
+from circuits.circuit.faithfulness import HeadAt, MeanZ, Scope, ablated_last, check_scope, keep_masks, mean_z
 from circuits.circuit.groups import GROUP_COLOURS, head_map_axes
 from circuits.patching.metrics import Answers, LastLogits, accuracy, answer_prob
 from tunelens.errors import ConfigError
@@ -59,7 +59,7 @@ class _Ablated:
 
     def _masks(self, kept: list[HeadAt]) -> dict[int, torch.Tensor]:
         dims = self.model.dims
-        return _keep_masks(kept, self.data, dims.n_layers, dims.n_heads, self.scope, positions_of=self.heads)
+        return keep_masks(kept, self.data, dims.n_layers, dims.n_heads, self.scope, positions_of=self.heads)
 
     def _hook(self, keep: dict[int, torch.Tensor]):
         def hook(layer: int, kind: str, t: torch.Tensor) -> torch.Tensor | None:

@@ -59,6 +59,7 @@ from circuits.knob.runs import candidate_logits, picks_context
 from circuits.knob.steering import calibrate, dose_response, steer, with_layer
 from tunelens.directions import Direction
 from tunelens.errors import ConfigError
+from tunelens.models.pair import ModelPair
 from tunelens.results import Result, pair_provenance
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,11 @@ def intent_accuracy(model, items: KnobItems, batch_size: int = 32) -> dict[str, 
 
 
 def run_knob(
-    pair, cfg: KnobConfig, *, items: dict[str, KnobItems] | None = None, progress: Progress | None = None
+    pair: ModelPair,
+    cfg: KnobConfig,
+    *,
+    items: dict[str, KnobItems] | None = None,
+    progress: Progress | None = None,
 ) -> KnobResult:
     """The whole study on ``pair`` (see the module docstring). ``items``: ``{"knob", "test"}`` item sets;
     by default the held-out facts of the zoo's knob fine-tune (:func:`~circuits.knob.data.heldout_items`)."""

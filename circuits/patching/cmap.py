@@ -29,6 +29,7 @@ from circuits.patching.result import PatchingResult
 from circuits.patching.sweeps import SweepConfig, patch_sweep, resolve_positions, summarise
 from tunelens.errors import ConfigError, PairIncompatibleError
 from tunelens.models.loaded import LoadedModel
+from tunelens.models.pair import PairLike
 from tunelens.results import Result
 from tunelens.tasks.base import Encoded
 
@@ -37,7 +38,7 @@ DIRECTIONS: tuple[str, ...] = ("tuned -> base", "base -> tuned")
 HeadAt = tuple[int, int, str | int]  # (layer, head, position name or index)
 
 
-def _models(pair: Any) -> tuple[LoadedModel, LoadedModel]:
+def _models(pair: PairLike) -> tuple[LoadedModel, LoadedModel]:
     base, tuned = (pair.base, pair.tuned) if hasattr(pair, "base") else pair
     a, b = base.dims.to_dict(), tuned.dims.to_dict()
     for key in a:
@@ -64,7 +65,7 @@ class PairRuns:
         return (self.base, self.tuned) if direction == "tuned -> base" else (self.tuned, self.base)
 
 
-def trace_pair(pair: Any, data: Encoded) -> PairRuns:
+def trace_pair(pair: PairLike, data: Encoded) -> PairRuns:
     base, tuned = _models(pair)
     answers = Answers.from_encoded(data)
     return PairRuns(
@@ -75,7 +76,7 @@ def trace_pair(pair: Any, data: Encoded) -> PairRuns:
 
 
 def cmap_sweep(
-    pair: Any,
+    pair: PairLike,
     data: Encoded,
     *,
     position: str | int = "last",
@@ -169,7 +170,7 @@ class CMAPResult(Result):
 
 
 def cmap_groups(
-    pair: Any,
+    pair: PairLike,
     data: Encoded,
     groups: Mapping[str, Sequence[HeadAt]],
     *,

@@ -34,6 +34,7 @@ from circuits.patching.cmap import trace_pair
 from circuits.patching.engine import Patch, run_cells
 from circuits.patching.metrics import logit_diff
 from circuits.patching.result import PatchingResult
+from tunelens.models.pair import ModelPair
 from tunelens.results import pair_provenance
 from tunelens.tasks import entity_tracking as et
 
@@ -45,7 +46,7 @@ DEMO_SEARCH = GroupSearchConfig(top_k=(6, 3, 4, 2), n_candidates=(12, 6, 8, 4))
 
 
 def path_circuit(
-    pair: Any,
+    pair: ModelPair,
     out: Path,
     progress: Callable[[str], None] = log.info,
     *,
@@ -129,7 +130,7 @@ def _other(role: str) -> str:
 
 
 def cmap_heads(
-    pair: Any, data, *, top_k: int = 6, n_candidates: int | None = None, saved: Path | None = None
+    pair: ModelPair, data, *, top_k: int = 6, n_candidates: int | None = None, saved: Path | None = None
 ) -> tuple[dict[str, list[tuple[int, int, str]]], int]:
     """Per position, the ``top_k`` heads whose tuned ``z`` raises the base's logit difference most;
     and how many heads were patched exactly to find them (``n_candidates`` per position, preselected by
@@ -161,7 +162,7 @@ def cmap_heads(
 
 
 def run_circuit_study(
-    pair: Any,
+    pair: ModelPair,
     out: Path,
     progress: Callable[[str], None] = log.info,
     *,

@@ -29,6 +29,7 @@ from circuits.patching.engine import trace
 from circuits.patching.metrics import Answers
 from circuits.patching.sweeps import SweepConfig, patch_sweep, resolve_positions
 from tunelens.errors import ConfigError
+from tunelens.models.pair import ModelPair
 from tunelens.results import pair_provenance
 from tunelens.tasks import entity_tracking as et
 
@@ -74,7 +75,7 @@ def _top_heads(sweep, k: int, position: str) -> list[tuple[int, int, str]]:
 
 
 def run_study(
-    pair: Any, settings: StudySettings, out: Path, progress: Callable[[str], None] = log.info
+    pair: ModelPair, settings: StudySettings, out: Path, progress: Callable[[str], None] = log.info
 ) -> dict:
     """Run the three steps, save their results under ``out``, return the headline numbers."""
     out = Path(out)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from circuits.knob.analysis import KnobConfig, run_knob
+from tunelens.models.pair import ModelPair
 from tunelens.studies import Progress
 
 log = logging.getLogger(__name__)
 
 
-def run_knob_study(pair: Any, out: Path, settings: KnobConfig, *, progress: Progress = log.info) -> dict:
+def run_knob_study(
+    pair: ModelPair, out: Path, settings: KnobConfig, *, progress: Progress = log.info
+) -> dict:
     """:func:`circuits.knob.analysis.run_knob` at ``settings``, saved in ``out``; the headline numbers."""
     result = run_knob(pair, settings, progress=progress)
     result.save(Path(out))

@@ -39,6 +39,7 @@ from circuits.studies.circuit import DEMO_SEARCH, run_circuit_study
 from circuits.studies.entity_tracking import DEMO, FULL, StudySettings, run_study
 from tunelens.errors import ConfigError
 from tunelens.io import atomic_write_json
+from tunelens.models.pair import ModelPair
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -120,7 +121,7 @@ def _zoo_accuracy(pair_name: str) -> dict[str, Any]:
 
 
 def run_pair_study(
-    pair: Any, out: Path, settings: PairStudySettings, *, progress: Progress = log.info
+    pair: ModelPair, out: Path, settings: PairStudySettings, *, progress: Progress = log.info
 ) -> dict[str, Any]:
     """Both analyses on ``pair`` at ``settings`` (a preset of this module, or your own); saves every
     Result under ``out`` and ``out/summary.json``; returns the headline numbers."""

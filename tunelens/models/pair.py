@@ -113,3 +113,7 @@ class ModelFamily:
     def pairs(self) -> Iterator[ModelPair]:
         for variant in self.variants:
             yield self.pair(variant)
+
+
+PairLike = ModelPair | tuple[LoadedModel, LoadedModel]
+"""What the cross-model analyses take: a :class:`ModelPair`, or ``(base, tuned)`` loaded models."""
