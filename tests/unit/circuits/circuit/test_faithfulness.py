@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.circuit.faithfulness import CircuitResult, chance_level, faithfulness, mean_z, random_circuit
+from circuits.circuit.faithfulness import chance_level, faithfulness, mean_z, random_circuit
+from circuits.circuit.result import CircuitResult
 from circuits.patching.metrics import Answers
 from tests.unit.circuits.conftest import induction_data
 from tunelens.errors import ConfigError, SiteError
