@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import probes
 from tunelens.errors import JobError, TunelensError
 from tunelens.faces.jobs import faults
 from tunelens.io import atomic_write_json
@@ -175,12 +176,6 @@ def run_cache(unit: Unit, root: Path) -> dict[str, Any]:
 
 def probe_config(spec_or_params: Any, kind: str, seed: int, checker: Any = None):
     """The probes package's ProbeConfig for one unit; a bad field is a JobError naming it."""
-    try:
-        import probes
-    except ImportError as e:
-        raise JobError(f"probe jobs need the probes package, which cannot be imported here ({e})") from None
-    if not hasattr(probes, "ProbeConfig"):
-        raise JobError("probe jobs need probes.ProbeConfig, which this version of the probes package lacks")
     extra = dict(getattr(spec_or_params, "probe", None) or spec_or_params.get("config", {}))
     source = getattr(checker, "source", "job")
     for key, where in (("kind", "probes"), ("seed", "seeds")):
@@ -216,8 +211,6 @@ def read_layers(store_folder: Path, kind: str, layers: list[int]) -> dict[str, A
 
 def run_probe(unit: Unit, root: Path) -> dict[str, Any]:
     import torch
-
-    import probes
 
     p = unit.params
     folder = root / p["store"]

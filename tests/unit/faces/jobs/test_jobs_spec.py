@@ -12,7 +12,7 @@ from tunelens.faces.jobs import JobSpec, plan_job
 
 from .conftest import job_dict
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
 
 
 def _load(tmp_path: Path, data, name: str = "bad-job.yaml") -> JobSpec:
