@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import typing
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ import streamlit as st
 
 from tunelens.errors import TunelensError
 from tunelens.faces import catalog
+from tunelens.faces.atlas import AtlasCache
+from tunelens.faces.jobs.runner import JOB_DIR, MANIFEST
+from tunelens.models import resolve, zoo
+from tunelens.results import load_result
 
 DEFAULT_RESULTS = "results/demo"
 RESULTS_ENV = "TUNELENS_RESULTS"
@@ -66,9 +71,7 @@ def pair_label(spec: tuple[str, str] | None) -> str:
 @st.cache_resource(max_entries=2, show_spinner="Loading the pair (once) ...")
 def load_pair(base: str, tuned: str, device: str = "cpu"):
     """A pair, held across reruns and sessions: a zoo pair name (``tuned`` empty) or two references."""
-    from tunelens.models.resolve import load_pair as _load
-
-    return _load(base, tuned or None, device=device)
+    return resolve.load_pair(base, tuned or None, device=device)
 
 
 def current_pair():
@@ -85,8 +88,6 @@ def current_pair():
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _load_result(path: str, mtime: float):
-    from tunelens.results import load_result
-
     return load_result(path)
 
 
@@ -99,6 +100,13 @@ def _figure(path: str, mtime: float, kwargs: tuple[tuple[str, Any], ...]):
     return _load_result(path, mtime).figure(**dict(kwargs))
 
 
+@st.cache_resource(show_spinner=False)
+def atlas_cache() -> AtlasCache:
+    """The layer atlas's decompositions, frames and loaded results, held by the app for every session (the
+    atlas keeps nothing between calls by itself)."""
+    return AtlasCache()
+
+
 def scan() -> list[catalog.Entry] | None:
     """The results in the chosen folder; on a bad folder, says why and returns None."""
     try:
@@ -106,6 +114,35 @@ def scan() -> list[catalog.Entry] | None:
     except TunelensError as exc:
         st.error(str(exc))
         return None
+
+
+def folder_pair(root: str | os.PathLike[str]) -> str | None:
+    """The zoo pair that produced the results folder ``root``: the pair of the demo's ``summary.json``
+    (``settings.pair``), else the pair most of its results were computed on (their recorded provenance).
+    None when neither names a zoo pair, or the folder cannot be read (the Pair page says nothing then)."""
+    settings = catalog.folder_summary(root).get("settings")
+    name = settings.get("pair") if isinstance(settings, dict) else None
+    if isinstance(name, str) and name in zoo.PAIRS:
+        return name
+    try:
+        entries = catalog.scan(root)
+    except TunelensError:
+        return None
+    counts = Counter(e.pair.get("name") for e in entries if e.pair.get("name") in zoo.PAIRS)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def job_folders(root: str | os.PathLike[str], depth: int = 3) -> list[Path]:
+    """The batch-job folders in ``root``: ``root`` itself and its subfolders (down to ``depth`` levels)
+    that hold a job's records (``job/manifest.json``, what the job runner writes first), in order."""
+    root = Path(root)
+    found = []
+    for level in range(depth + 1):
+        for manifest in sorted(root.glob("/".join(["*"] * level + [JOB_DIR, MANIFEST]))):
+            folder = manifest.parent.parent
+            if not any(part.startswith(".") for part in folder.relative_to(root).parts):
+                found.append(folder)
+    return found
 
 
 # -- showing results -------------------------------------------------------------------------------------
@@ -241,8 +278,6 @@ def pair_check(entries: list[catalog.Entry]) -> None:
 
 def own_pair(entry: catalog.Entry) -> str | None:
     """The zoo pair ``entry`` was computed on, when it is not the loaded pair (else None)."""
-    from tunelens.models import zoo
-
     name = (entry.pair or {}).get("name")
     pair = current_pair()
     if not name or name not in zoo.PAIRS or pair is None:

@@ -9,6 +9,7 @@ import importlib.util
 from typing import Any
 
 from tunelens.errors import ConfigError, PromptError
+from tunelens.models import zoo
 from tunelens.studies import EXTRAS as STUDY_EXTRAS
 
 MAX_LIVE_TOKENS = 256
@@ -72,8 +73,6 @@ def missing_extra(extra: str, what: str) -> str | None:
 
 def zoo_extra(pair_name: str) -> str | None:
     """The optional extra the zoo pair ``pair_name`` needs to load (its root model's wheels), or None."""
-    from tunelens.models import zoo
-
     for model in zoo.PAIRS.get(pair_name, ()):
         while zoo.entry(model).base is not None:
             model = zoo.entry(model).base

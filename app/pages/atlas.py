@@ -7,14 +7,15 @@ import streamlit as st
 from app import common
 from tunelens.errors import TunelensError
 from tunelens.faces import catalog
+from tunelens.faces.atlas import AtlasConfig, atlas_from_folder, default_path
 
 
 @st.cache_data(show_spinner="Computing the atlas (SVD of the layer's matrices) ...", max_entries=32)
 def _compute(spec: tuple[str, str], layer: int, k: int, results_dir: str, stamp: tuple):
-    from tunelens.faces.atlas import AtlasConfig, atlas_from_folder
-
+    """The atlas of one layer; the decompositions and loaded results are kept in the app's atlas cache, so
+    the next layer or another k reuses them."""
     pair = common.load_pair(spec[0], spec[1] or "")
-    return atlas_from_folder(pair, AtlasConfig(layer=layer, k=k), results_dir)
+    return atlas_from_folder(pair, AtlasConfig(layer=layer, k=k), results_dir, cache=common.atlas_cache())
 
 
 st.title("Layer atlas")
@@ -46,8 +47,6 @@ if pair is not None:
         st.error(str(exc))
         st.stop()
     if st.button("Save this atlas into the results folder", key="atlas_save"):
-        from tunelens.faces.atlas import default_path
-
         try:
             st.success(f"saved to {result.save(default_path(common.results_dir(), layer))}")
         except (OSError, TunelensError) as exc:

@@ -7,6 +7,8 @@ import streamlit as st
 from app import common, live
 from tunelens.errors import TunelensError
 from tunelens.models import zoo
+from tunelens.readout import answer_accuracy
+from tunelens.tasks import entity_tracking as et
 
 st.title("Pair")
 st.caption("The base model and its fine-tune that every page compares.")
@@ -20,17 +22,26 @@ if source == "Zoo pair":
     names = zoo.pair_names()
     built = {n: all(zoo.is_built(m) for m in zoo.PAIRS[n]) for n in names}
     spec0 = st.session_state.get("pair_spec") or ("", "")
+    produced = common.folder_pair(common.results_dir())
+    # the loaded zoo pair, else the pair that produced the results folder, else the first
+    first = spec0[0] if spec0[0] in names and not spec0[1] else produced or names[0]
+    if produced:
+        st.caption(f"The results in `{common.results_dir()}` were computed on the zoo pair **{produced}**.")
     name = st.selectbox(
         "Zoo pair",
         names,
-        index=names.index(spec0[0]) if spec0[0] in names else 0,
+        index=names.index(first),
         format_func=lambda n: (
             f"{n}  ({zoo.PAIRS[n][0]} → {zoo.PAIRS[n][1]})" + ("" if built[n] else "  — not built")
         ),
         key="zoo_pair",
     )
     want = (name, "")
-    if not built[name]:
+    extra = live.zoo_extra(name)
+    note = live.missing_extra(extra, f"The zoo pair {name}") if extra else None
+    if note:
+        st.info(note)
+    elif not built[name]:
         st.info(
             f"{name} is not built yet; loading it builds it (minutes for SmolLM2): "
             f"`tunelens zoo build {zoo.PAIRS[name][1]}`"
@@ -97,9 +108,6 @@ if reports:
     st.caption("From the zoo's build record: accuracy among each prompt's candidate answers.")
 n_eval = st.number_input("Entity-tracking prompts to score now", 3, 300, 30, step=3, key="n_eval")
 if st.button("Measure entity-tracking accuracy", key="measure"):
-    from tunelens.models.finetune import answer_accuracy
-    from tunelens.tasks import entity_tracking as et
-
     try:
         data = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=max(1, int(n_eval) // 3)), seed=123)
         enc = data.encode(pair.tokenizer, max_len=pair.dims.n_ctx)

@@ -215,3 +215,61 @@ def app_results(app_pair, tmp_path_factory) -> Path:
     for build in BUILDERS.values():
         build(app_pair, root)
     return root
+
+
+# -- a results folder holding batch jobs, run through the real job runner --------------------------------
+PROBE_JOB_UNITS = {  # unit -> the state the job_results fixture leaves it in
+    "cache": "done",
+    "probe-logistic-resid_post-seed0": "done",
+    "probe-logistic-resid_post-seed1": "failed",
+    "probe-diff_means-resid_post-seed0": "done",
+    "probe-diff_means-resid_post-seed1": "pending",
+}
+
+
+class _Interrupted(Exception):
+    """The job stopped from outside (as a Ctrl-C would stop it) after a unit finished."""
+
+
+@pytest.fixture(scope="session")
+def job_results(app_pair_dirs, tmp_path_factory) -> Path:
+    """A results folder with two batch jobs, each in its own subfolder, as ``tunelens jobs run`` and
+    ``tunelens reproduce`` leave them:
+
+    * ``probe-job/``: a small probe job on the app's pair (a cache unit, then two probe kinds x two seeds),
+      run by the job runner with one unit failing (the runner's fault-injection hook) and the run stopped
+      after the fourth unit, so its units are done, failed and pending (:data:`PROBE_JOB_UNITS`);
+    * ``reproduce/``: ``tunelens reproduce --only environment``, finished.
+    """
+    from tunelens.faces.jobs import JobSpec, plan_job
+    from tunelens.faces.jobs.faults import FAIL_ENV
+    from tunelens.faces.jobs.reproduce import reproduce_plan
+    from tunelens.faces.jobs.runner import run_plan
+
+    root = tmp_path_factory.mktemp("job-results")
+    spec = JobSpec.from_dict(
+        {
+            "kind": "probe",
+            "output": str(root / "probe-job"),
+            "pair": {"base": app_pair_dirs[0], "tuned": app_pair_dirs[1]},
+            "task": {"name": "entity_tracking", "n": 60, "seed": 0, "label": "query_is_first"},
+            "sites": ["resid_post"],
+            "probes": ["logistic", "diff_means"],
+            "seeds": [0, 1],
+            "probe": {"min_test_items": 5},
+            "cache": {"shard_size": 16, "batch_size": 16},
+        },
+        source="tests/app/conftest.py",
+    )
+
+    def stop_after(event) -> None:
+        if event.state == "done" and event.unit.id == "probe-diff_means-resid_post-seed0":
+            raise _Interrupted
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAIL_ENV, "probe-logistic-resid_post-seed1:9")
+        with pytest.raises(_Interrupted):
+            run_plan(plan_job(spec), retries=0, progress=stop_after)
+    report = run_plan(reproduce_plan(root / "reproduce", ["environment"]))
+    assert report.done == ["study-environment"]
+    return root

