@@ -365,3 +365,18 @@ def test_pair_page_opens_on_the_pair_of_the_results(monkeypatch, app_results, tm
     at = open_app(monkeypatch, app_results)
     assert at.selectbox(key="zoo_pair").value == "tiny"
     assert not at.error, texts(at.error)
+
+
+# -- a results folder saved before the layout moved opens in the app ----------------------------------------
+OLD_RESULTS = Path(__file__).resolve().parents[1] / "data" / "results-before-layout"
+
+
+@pytest.mark.parametrize("page", ["circuit", "patching", "knob"])
+def test_a_results_folder_saved_before_the_move_opens_in_the_app(monkeypatch, page):
+    """The demo's SmolLM2 results saved under the old module paths (circuits.knob:KnobResult …) show on
+    their pages with their figures, with no pair loaded."""
+    at = open_app(monkeypatch, OLD_RESULTS, None, page)
+    assert not at.error, texts(at.error)
+    figs = charts(at)
+    assert figs and all(f["data"] for f in figs)
+    assert all(f["layout"].get("title", {}).get("text") for f in figs), "every figure is titled"
