@@ -29,9 +29,18 @@ layer. Embeddings and the LM head join it only when ``kinds`` has ``"embedding"`
 freeze them); any parameter that differs outside the graft set, embeddings included, is named in a warning
 and the result's provenance, and the whole graft set grafted is scored beside the tuned model.
 
-Example:
-    >>> res = graft(pair, {"entity_tracking": data}, GraftConfig(sparsities=(1e-3,)))  # doctest: +SKIP
-    >>> res.curve.query("method == 'graft'").accuracy  # doctest: +SKIP
+Example (``pair``: a base and its fine-tune, tiny 4-layer Llamas; a toy graft, far smaller than the
+demo's):
+    >>> from tunelens.tasks.entity_tracking import EntityTrackingConfig, generate
+    >>> data = generate(EntityTrackingConfig(n_boxes=3, n_contexts=10), seed=0)
+    >>> splits = data.split({"train": 0.6, "test": 0.4}, seed=0)  # by world
+    >>> config = GraftConfig(sparsities=(1e-2,), steps=3, max_fit=16, max_dev=8)
+    >>> res = graft(pair, {"entity_tracking": splits}, config)
+    >>> res.curve[["method", "sparsity", "n_params"]]  # 1 % of the 148,032 matrix and norm weights
+        method  sparsity  n_params
+    0    graft      0.01      1480
+    1  top_abs      0.01      1480
+    2   random      0.01      1480
 """
 
 from __future__ import annotations
@@ -492,11 +501,22 @@ class GraftResult(Result):
                 }
         if self.overlap is not None and len(self.overlap):
             for _, row in self.overlap.iterrows():
-                out[f"overlap@{row.sparsity:g}[{row.task_a}|{row.task_b}]"] = {
+                entry = {
                     "over_min": round(float(row.over_min), 4),
                     "jaccard": round(float(row.jaccard), 4),
                     "random_expected": round(float(row.random_expected), 6),
                 }
+                if "learned_overlap" in row:  # results saved before these columns lack them
+                    entry |= {
+                        "start_share": [
+                            round(float(row.start_share_a), 4),
+                            round(float(row.start_share_b), 4),
+                        ],
+                        "learned": [int(row.learned_a), int(row.learned_b)],
+                        "learned_overlap": round(float(row.learned_overlap), 4),
+                        "learned_random_expected": round(float(row.learned_random_expected), 6),
+                    }
+                out[f"overlap@{row.sparsity:g}[{row.task_a}|{row.task_b}]"] = entry
         return out
 
     def figure(
@@ -585,12 +605,19 @@ class GraftResult(Result):
         if view == "overlap":
             if self.overlap is None or not len(self.overlap):
                 raise ConfigError("this result has one task; overlaps need a multi-task graft")
+            measures = {
+                "over_min": "whole masks",
+                "random_expected": "whole masks, random",
+                "learned_overlap": "learned (outside the shared top-|Δθ| start)",
+                "learned_random_expected": "learned, random",
+            }
+            have = [m for m in measures if m in self.overlap.columns]
             df = self.overlap.melt(
                 id_vars=["sparsity", "task_a", "task_b"],
-                value_vars=["over_min", "random_expected"],
+                value_vars=have,
                 var_name="measure",
                 value_name="overlap",
-            )
+            ).replace({"measure": measures})
             return px.bar(
                 df,
                 x="sparsity",
@@ -598,8 +625,9 @@ class GraftResult(Result):
                 color="measure",
                 barmode="group",
                 log_x=True,
-                labels={"overlap": "|γ_a ∧ γ_b| / min(|γ_a|, |γ_b|)", "sparsity": "sparsity"},
-                title="Overlap of the task masks (learned vs random)",
+                labels={"overlap": "|a ∧ b| / min(|a|, |b|)", "sparsity": "sparsity"},
+                title="Overlap of the task masks: whole masks (both start from the same top-|Δθ| mask, so "
+                "two unlearned masks overlap by 1) and what each learned beyond that start, against random",
             )
         raise ConfigError(f"unknown view {view!r}; expected curve, ece, layers, steps or overlap")
 
@@ -730,6 +758,7 @@ def graft(
     reference, curve, layer_rows, history, cross, comparisons = [], [], [], [], [], []
     masks: dict[str, Tensor] = {}
     learned: dict[tuple[str, float], dict[str, Tensor]] = {}
+    starts: dict[float, dict[str, Tensor]] = {}  # the top-|Δθ| mask every learned mask starts from
     hits: dict[tuple[str, str], Tensor] = {}  # (task, model or method@sparsity) -> per-test-example hits
     groups = {t: [e.item_id for e in _test_split(d)] for t, d in tasks.items()}
     for t, (_, _, test) in enc.items():
@@ -747,6 +776,7 @@ def graft(
         top = top_mask(
             {n: space.delta[n].abs() for n in space.names}, n_keep, torch.Generator().manual_seed(config.seed)
         )
+        starts[s] = top
         rand = top_mask({n: torch.rand(space.base[n].shape, generator=gen) for n in space.names}, n_keep)
         for t, (fit, dev, test) in enc.items():
             say(f"graft: task {t}, sparsity {s:g} ({n_keep:,} coordinates)")
@@ -776,11 +806,20 @@ def graft(
     for s in config.sparsities:
         for i, a in enumerate(names):
             for bname in names[i + 1 :]:
-                ma, mb = learned[(a, s)], learned[(bname, s)]
+                ma, mb, start = learned[(a, s)], learned[(bname, s)], starts[s]
                 na = sum(int(x.sum()) for x in ma.values())
                 nb = sum(int(x.sum()) for x in mb.values())
                 inter = sum(int((ma[n] & mb[n]).sum()) for n in space.names)
                 union = na + nb - inter
+                # Both masks start from the same top-|Δθ| mask, so their raw overlap is high even if
+                # neither learned anything (two unlearned masks overlap by 1.0). What each mask *learned*
+                # is what it added outside that start; those additions are compared with random ones.
+                n_start = sum(int(x.sum()) for x in start.values())
+                add_a = {n: ma[n] & ~start[n] for n in space.names}
+                add_b = {n: mb[n] & ~start[n] for n in space.names}
+                la = sum(int(x.sum()) for x in add_a.values())
+                lb = sum(int(x.sum()) for x in add_b.values())
+                l_inter = sum(int((add_a[n] & add_b[n]).sum()) for n in space.names)
                 overlap.append(
                     {
                         "sparsity": s,
@@ -792,6 +831,12 @@ def graft(
                         "over_min": inter / max(1, min(na, nb)),
                         "jaccard": inter / max(1, union),
                         "random_expected": max(na, nb) / space.n_params,
+                        "start_share_a": (na - la) / max(1, na),
+                        "start_share_b": (nb - lb) / max(1, nb),
+                        "learned_a": la,
+                        "learned_b": lb,
+                        "learned_overlap": l_inter / max(1, min(la, lb)),
+                        "learned_random_expected": max(la, lb) / max(1, space.n_params - n_start),
                     }
                 )
         if len(names) > 1:

@@ -25,8 +25,9 @@ t (mean_context − mean_prior)`` at the row's ``t_prior`` / ``t_context``.
 A model whose answers do not follow the instructions on the sweep's items has no switch to localise: its
 layer curve is marked undefined (``follows_intent`` below one half), not plotted as a finding.
 
-Example:
-    >>> from tunelens.models import zoo                                   # doctest: +SKIP
+Example (not run as a doctest: it needs the SmolLM2 zoo pair, whose base knows the facts the knob
+switches between, and takes minutes):
+    >>> from tunelens.models import zoo
     >>> result = run_knob(zoo.load_pair("smollm2-knob"), KnobConfig())    # doctest: +SKIP
     >>> result.summary()["knob_layer"], result.figure("dose")             # doctest: +SKIP
 """
@@ -42,11 +43,13 @@ from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from circuits.knob.das import (
     DASConfig,
     confident,
     interchange_accuracy,
+    interchange_hits,
     interchange_set,
     mean_direction,
     random_direction,
@@ -59,6 +62,7 @@ from circuits.knob.runs import candidate_logits, picks_context
 from circuits.knob.steering import calibrate, dose_response, steer, with_layer
 from tunelens.directions import Direction
 from tunelens.errors import ConfigError
+from tunelens.metrics import bootstrap_means, percentile_ci
 from tunelens.models.pair import ModelPair
 from tunelens.results import Result, pair_provenance
 
@@ -162,6 +166,9 @@ class KnobResult(Result):
     generations: pd.DataFrame
     n_items: dict[str, int]
     seconds: float
+    # 95% bootstrap intervals of the validation interchange accuracies over items (both pairs of an item
+    # drawn together), and of DAS − difference of means; empty in results saved before they were added
+    interchange_ci: dict[str, list[float]] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return self.dose
@@ -211,6 +218,7 @@ class KnobResult(Result):
             "read_in_layers": list(self.read_in),
             **acc,
             **{f"interchange_{k}": round(v, 3) for k, v in self.interchange.items()},
+            **{f"interchange_ci_{k}": [round(x, 3) for x in v] for k, v in self.interchange_ci.items()},
             "cosine_das_diff_of_means": round(self.direction.cosine(self.baseline), 3),
             **cal,
             **steering,
@@ -401,6 +409,18 @@ class KnobResult(Result):
 # --- the study ---------------------------------------------------------------------------------------
 
 
+def _interchange_intervals(hits: dict[str, Tensor], items: KnobItems, seed: int) -> dict[str, list[float]]:
+    """95% intervals of each accuracy in ``hits`` and of DAS − difference of means, resampling items (an
+    item's two pairs, prior target and context target, are drawn together)."""
+    names = list(hits)
+    values = torch.stack([hits[n].double() for n in names])
+    boots = bootstrap_means(values, list(items.item_ids) * 2, seed=seed)
+    out = {n: list(percentile_ci(boots[:, i])) for i, n in enumerate(names)}
+    diff = boots[:, names.index("das_val")] - boots[:, names.index("diff_of_means_val")]
+    out["das_minus_diff_of_means_val"] = list(percentile_ci(diff))
+    return out
+
+
 def intent_accuracy(model, items: KnobItems, batch_size: int = 32) -> dict[str, float]:
     """Pair / context / prior accuracy (two-candidate restricted) on ``items``."""
     tok = model.tokenizer
@@ -475,12 +495,18 @@ def run_knob(
     dom = mean_direction(pair.tuned, knob, layer, bs)
     rnd = random_direction(pair.tuned, layer, cfg.seed)
     base_dom = mean_direction(pair.base, knob, layer, bs)
-    interchange = {
-        "das_val": interchange_accuracy(pair.tuned, u, val_set, bs),
-        "das_train": interchange_accuracy(pair.tuned, u, train_set, bs),
-        "diff_of_means_val": interchange_accuracy(pair.tuned, dom, val_set, bs),
-        "random_val": interchange_accuracy(pair.tuned, rnd, val_set, bs),
+    val_hits = {
+        "das_val": interchange_hits(pair.tuned, u, val_set, bs),
+        "diff_of_means_val": interchange_hits(pair.tuned, dom, val_set, bs),
+        "random_val": interchange_hits(pair.tuned, rnd, val_set, bs),
     }
+    interchange = {
+        "das_val": float(val_hits["das_val"].float().mean()),
+        "das_train": interchange_accuracy(pair.tuned, u, train_set, bs),
+        "diff_of_means_val": float(val_hits["diff_of_means_val"].float().mean()),
+        "random_val": float(val_hits["random_val"].float().mean()),
+    }
+    interchange_ci = _interchange_intervals(val_hits, das_val, cfg.seed)
     say(
         f"knob: interchange accuracy DAS {interchange['das_val']:.2f}, diff-of-means "
         f"{interchange['diff_of_means_val']:.2f}, random {interchange['random_val']:.2f}"
@@ -590,6 +616,7 @@ def run_knob(
         baseline=dom,
         base_direction=base_dom,
         interchange=interchange,
+        interchange_ci=interchange_ci,
         das_losses=losses,
         calibration=pd.DataFrame(cal_rows),
         dose=pd.DataFrame(dose_rows),

@@ -100,15 +100,18 @@ def _writes(site: Site, basis: Tensor, h_src: Tensor) -> Callable:
     return lambda sl, part: [project(site, basis, source=h_src[sl].to(basis.dtype), positions=part.last)]
 
 
-def interchange_accuracy(model, direction: Direction, data: Interchange, batch_size: int = 32) -> float:
-    """Fraction of pairs whose patched answer is the source-required one (two-candidate restricted)."""
+def interchange_hits(model, direction: Direction, data: Interchange, batch_size: int = 32) -> Tensor:
+    """Per pair: whether the patched answer is the source-required one (two-candidate restricted)."""
     basis = direction.vector[:, None]
     logits = last_logits(
         model, data.target, writes=_writes(direction.site, basis, data.h_src), batch_size=batch_size
     )
-    return float(
-        (logits.gather(1, data.label[:, None]) > logits.gather(1, data.other[:, None])).float().mean()
-    )
+    return (logits.gather(1, data.label[:, None]) > logits.gather(1, data.other[:, None]))[:, 0].cpu()
+
+
+def interchange_accuracy(model, direction: Direction, data: Interchange, batch_size: int = 32) -> float:
+    """Fraction of pairs whose patched answer is the source-required one (two-candidate restricted)."""
+    return float(interchange_hits(model, direction, data, batch_size).float().mean())
 
 
 def train_das(

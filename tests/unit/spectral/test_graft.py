@@ -111,6 +111,16 @@ def test_two_task_graft_invariants(graft_pair, tmp_path):
     assert row.intersection == len(a & b)
     assert row.over_min == pytest.approx(len(a & b) / min(len(a), len(b)))
     assert row.jaccard == pytest.approx(len(a & b) / len(a | b))
+    # what each mask learned beyond the shared top-|Δθ| start (recomputed with the same seeded tie-break)
+    start_mask = top_mask(
+        {n: space.delta[n].abs() for n in space.names}, n_keep, torch.Generator().manual_seed(cfg.seed)
+    )
+    start = set(torch.cat([start_mask[n].reshape(-1) for n in space.names]).nonzero().flatten().tolist())
+    la, lb = a - start, b - start
+    assert (row.learned_a, row.learned_b) == (len(la), len(lb))
+    assert row.start_share_a == pytest.approx(len(a & start) / len(a))
+    assert row.learned_overlap == pytest.approx(len(la & lb) / max(1, min(len(la), len(lb))))
+    assert row.learned_random_expected == pytest.approx(max(len(la), len(lb)) / (space.n_params - len(start)))
     lm = res.layer_map
     assert int(lm[lm.task == "a"].n_grafted.sum()) == len(a) == int(curve.loc[("a", "graft"), "n_params"])
     assert len(res.cross) == 4

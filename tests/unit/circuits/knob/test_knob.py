@@ -253,6 +253,41 @@ def test_run_knob_end_to_end_and_reload_steers_identically(toy, tiny_tok, tmp_pa
     assert row.control_effect_mean == pytest.approx(sum(controls) / len(controls), abs=1e-9)
     assert row.specific == (row.effect_lo > max(controls))
     assert s["steer_effect_tuned_random"]["n"] == cfg.n_random and "steer_effect_overshoot_tuned" in s
+    # interchange accuracies carry intervals that hold their point estimates
+    for k in ("das_val", "diff_of_means_val", "random_val"):
+        lo, hi = s[f"interchange_ci_{k}"]
+        assert lo - 1e-9 <= result.interchange[k] <= hi + 1e-9
+    lo, hi = s["interchange_ci_das_minus_diff_of_means_val"]
+    assert lo - 1e-9 <= result.interchange["das_val"] - result.interchange["diff_of_means_val"] <= hi + 1e-9
+
+
+def test_interchange_intervals_resample_items_with_both_their_pairs():
+    """Known answers: a method right on every pair has the interval [1, 1]; on 400 items right on one
+    pair of each item the interval is exactly [0.5, 0.5] (each item's two pairs are drawn together); with
+    independent coin flips its width is close to the normal approximation's 2 × 1.96 × sqrt(0.25 / 800)."""
+    from circuits.knob.analysis import _interchange_intervals
+    from circuits.knob.data import KnobItems
+
+    n = 400
+    items = KnobItems(
+        item_ids=tuple(f"f{i}" for i in range(n)),
+        prompt_by_fmt={"context": ("c",) * n, "prior": ("p",) * n},
+        candidates=torch.tensor([[1, 2]] * n),
+        answers=(("a", "b"),) * n,
+    )
+    flips = torch.rand(2 * n, generator=torch.Generator().manual_seed(0)) < 0.5
+    hits = {
+        "das_val": torch.ones(2 * n, dtype=torch.bool),
+        "diff_of_means_val": torch.cat([torch.ones(n), torch.zeros(n)]).bool(),  # prior targets right
+        "random_val": flips,
+    }
+    ci = _interchange_intervals(hits, items, seed=0)
+    assert ci["das_val"] == [1.0, 1.0]
+    assert ci["diff_of_means_val"] == [0.5, 0.5]
+    assert ci["das_minus_diff_of_means_val"] == [0.5, 0.5]
+    lo, hi = ci["random_val"]
+    assert lo < float(flips.double().mean()) < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * (0.25 / (2 * n)) ** 0.5, rel=0.25)
 
 
 # --- bad input ----------------------------------------------------------------------------------------
