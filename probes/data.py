@@ -6,9 +6,19 @@ A site that was not cached is a :class:`~tunelens.errors.SiteError` naming what 
 made from other models than the given pair (content hashes) is a
 :class:`~tunelens.errors.StoreMismatchError`; two stores of different data sets are refused too.
 
-Example:
-    >>> acts = acts_from_stores("results/activations/entity_tracking", "resid_post", layers=range(30),
-    ...                         pair=pair)  # doctest: +SKIP
+Example (``pair``: a base and its fine-tune, tiny 4-layer Llamas with d_model 64; ``dataset``: 12
+entity-tracking prompts):
+    >>> import tempfile
+    >>> from tunelens.cache import CacheConfig, cache_to_store
+    >>> from tunelens.sites import Site
+    >>> cfg = CacheConfig(sites=tuple(Site("resid_post", layer) for layer in range(4)), positions="last")
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     stores = cache_to_store(pair, dataset, cfg, folder, shard_size=8)  # folder/base, folder/tuned
+    ...     acts = acts_from_stores(folder, "resid_post", layers=range(4), pair=pair)
+    >>> stores["base"]  # doctest: +ELLIPSIS
+    ActivationStore('.../base', 2/2 shards)
+    >>> {role: tuple(a.shape) for role, a in acts.items()}  # layer batch d_model
+    {'base': (4, 12, 64), 'tuned': (4, 12, 64)}
 """
 
 from __future__ import annotations

@@ -14,12 +14,15 @@ The causal test scales the intruder components of the tuned matrices,
 ``W' = W_t + (λ − 1) Σ_{j ∈ I} u_j u_jᵀ W_t`` (= ``u_j σ_j v_jᵀ`` of ``W_t``, PEFT's "merged" variant), and
 measures task accuracy against the loss on the base model's own samples (:mod:`spectral.drift`).
 
-Example:
-    >>> from tunelens.models import zoo
-    >>> family = zoo.load_family("smollm2-et")  # doctest: +SKIP
-    >>> res = intruder_family(family.base, family.variants, IntruderConfig())  # doctest: +SKIP
-    >>> res.counts(k=10, epsilon=0.5)  # doctest: +SKIP
-    {'smollm2-et-lora-r1': 0, ...}
+Example (``family``: a tiny 4-layer Llama and two fine-tunes of it, ``full`` (a dense update of about a
+tenth of each matrix) and ``lora`` (a merged rank-2 update); ``zoo.load_family("smollm2-et")`` is the real
+family of SmolLM2 fine-tunes):
+    >>> res = intruder_family(family.base, family.variants, IntruderConfig())
+    >>> res.variants  # the fine-tunes and their baselines
+    ('full', 'lora', 'rotated:full', 'rotated:lora', 'rank1:full', 'rank1:lora')
+    >>> counts = res.counts(k=10, epsilon=0.5)  # over all 28 matrices
+    >>> counts["full"], counts["lora"] > 20  # the dense update keeps the base's top directions
+    (0, True)
 """
 
 from __future__ import annotations

@@ -5,11 +5,17 @@ the requested positions (a named position of the task, such as ``last`` or ``que
 before the next batch runs, so memory holds one batch of full activations at most. Streaming to a store
 writes one shard at a time and skips the shards a previous run completed.
 
-Example:
-    >>> from tunelens.cache import CacheConfig, capture
+Example (``pair``: a base and its fine-tune, tiny 4-layer Llamas with d_model 64; ``dataset``: 12
+entity-tracking prompts):
+    >>> from tunelens.cache import CacheConfig, capture, capture_pair
     >>> from tunelens.sites import Site
-    >>> cfg = CacheConfig(sites=(Site("resid_post", 0),), positions="last")  # doctest: +SKIP
-    >>> acts = capture(model, dataset.encode(model.tokenizer), cfg)          # doctest: +SKIP
+    >>> cfg = CacheConfig(sites=(Site("resid_post", 0), Site.parse("resid_post.3")), positions="last")
+    >>> acts = capture(pair.base, dataset.encode(pair.tokenizer), cfg)
+    >>> {str(site): tuple(a.shape) for site, a in acts.items()}  # batch d_model
+    {'resid_post.0': (12, 64), 'resid_post.3': (12, 64)}
+    >>> both = capture_pair(pair, dataset, cfg)  # the same tokens through each model
+    >>> sorted(both), tuple(both["tuned"][Site("resid_post", 3)].shape)
+    (['base', 'tuned'], (12, 64))
 """
 
 from __future__ import annotations

@@ -60,6 +60,12 @@ def pair_provenance(pair: Any) -> dict[str, str]:
     return {"name": str(getattr(pair, "name", "") or ""), **pair.hashes()}
 
 
+def model_provenance(model: Any, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a one-model result was computed on: the model's name and content hash, then what the caller
+    adds (``given``, e.g. the pair it belongs to and its role there), which wins on a clash."""
+    return {"model": str(getattr(model, "name", "") or ""), "model_hash": model.content_hash, **(given or {})}
+
+
 class Result:
     """Base of every analysis result. Subclasses are frozen ``kw_only`` dataclasses.
 

@@ -26,12 +26,19 @@ The kinds and their meaning are those of :mod:`tunelens.sites`; the backend test
 check that this runner gives the backends' activations and logits. Prompts are right-padded, so real
 tokens never attend to padding and no padding mask is needed for the positions a metric reads.
 
-Example:
-    >>> stepper = Stepper(model)  # doctest: +SKIP
-    >>> trace = stepper.trace(batch)  # every layer's input and its rotated keys/values  # doctest: +SKIP
-    >>> h = trace.resid[3][:, 5:]  # start at layer 3, position 5, from the cached residual
-    >>> for layer in range(3, stepper.n_layers):  # doctest: +SKIP
-    ...     h = stepper.layer(layer, h, start=5, past=trace.past(layer, 5))
+Example (``model``: a :class:`~tunelens.models.loaded.LoadedModel`, here a tiny 4-layer Llama):
+    >>> import torch
+    >>> batch = model.encode(["The pen is in Box C. The cup is in Box D. Box C contains the"])
+    >>> stepper = Stepper(model.module)
+    >>> with torch.no_grad():
+    ...     run = stepper.trace(batch.input_ids, batch.last)  # every layer's input, rotated keys/values
+    ...     h = run.resid[2][:, 5:]  # start at layer 2, position 5, from the cached residual
+    ...     for layer in range(2, stepper.n_layers):
+    ...         h = stepper.layer(layer, h, start=5, past=run.past(layer, 5))
+    >>> len(run.resid), tuple(run.keys[0].shape), tuple(run.logits.shape)  # keys: rows kv_head pos d_head
+    (5, (1, 2, 18, 16), (1, 89))
+    >>> torch.allclose(h, run.resid[-1][:, 5:], atol=1e-5)  # what the full run computed there
+    True
 """
 
 from __future__ import annotations

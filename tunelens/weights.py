@@ -186,9 +186,15 @@ def replace_matrix(model: nn.Module, name: MatrixName, value: Tensor) -> None:
 def swapped_matrices(model: nn.Module, values: Mapping[MatrixName, Tensor]) -> Iterator[nn.Module]:
     """Temporarily replace stored weights; the originals come back even if the body raises.
 
-    Example:
-        >>> with swapped_matrices(model, {MatrixName(0, "o"): torch.zeros(d_model, d_model)}):
-        ...     ablated_logits = model(ids).logits  # doctest: +SKIP
+    Example (``model``: a tiny 4-layer Llama with d_model 64; ``model.module`` is its HF model):
+        >>> ids = model.encode(["The pen is in Box C. Box C contains the"]).input_ids
+        >>> zeros = {MatrixName(layer, "o"): torch.zeros(64, 64) for layer in range(4)}
+        >>> with torch.no_grad(), swapped_matrices(model.module, zeros) as hf:
+        ...     ablated_logits = hf(ids).logits  # no layer's attention writes anything
+        >>> tuple(ablated_logits.shape)
+        (1, 11, 89)
+        >>> bool(read_matrix(model.module, MatrixName(0, "o")).abs().sum() > 0)  # the originals are back
+        True
     """
     weights = {name: _stored_weight(_module(model, name)) for name in values}
     for name, value in values.items():

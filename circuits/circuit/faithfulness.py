@@ -15,9 +15,16 @@ with ``chance`` the mean of 1/(number of candidate answers). A control draws ``n
 with the same number of heads per group at the same positions. When the full model is itself near chance
 the ratio is ill-defined; :class:`CircuitResult` keeps the raw accuracies next to it.
 
-Example:
-    >>> res = faithfulness(model, data, {"top": [(20, 3, "last")]}, reference=ref)  # doctest: +SKIP
-    >>> res.summary()["faithfulness"]  # doctest: +SKIP
+Example (``model``: an untrained tiny Llama of 4 layers × 4 heads; ``dataset``: 12 entity-tracking
+prompts of 3 boxes):
+    >>> from tunelens.tasks.entity_tracking import EntityTrackingConfig, generate
+    >>> data = dataset.encode(model.tokenizer)
+    >>> ref = generate(EntityTrackingConfig(n_boxes=3, n_contexts=4), seed=1).encode(model.tokenizer)
+    >>> res = faithfulness(model, data, {"top": [(3, 0, "last"), (3, 1, "last")]}, reference=ref, n_random=3)
+    >>> res.n_prompts, round(res.chance, 3), len(res.acc_random)
+    (12, 0.333, 3)
+    >>> res.defined, res.summary()["note"]  # this model is at chance: there is nothing to be faithful to
+    (False, 'undefined: the full model is not above chance')
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from circuits.circuit.result import CircuitResult
 from circuits.patching.metrics import Answers, LastLogits, accuracy, logit_diff
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.loaded import LoadedModel
+from tunelens.results import model_provenance
 from tunelens.stepwise import Stepper
 from tunelens.tasks.base import Encoded
 
@@ -245,5 +253,5 @@ def faithfulness(
         logit_diff_circuit=float(logit_diff(circ).mean()) if has_ld else float("nan"),
         n_candidates_checked=n_candidates_checked,
         scope=scope,
-        provenance=provenance or {},
+        provenance=model_provenance(model, provenance),
     )

@@ -15,9 +15,20 @@ It does less work than one full forward per cell (what ``transformer_lens.patchi
 
 Both runs must have the same token lengths (positions must align); prompts are right-padded.
 
-Example:
-    >>> cells = layer_pos_cells("resid_pre", layers=range(4), positions=range(10))  # doctest: +SKIP
+Example (``model``: a tiny 4-layer Llama; ``dataset``: 12 entity-tracking prompts of 25 tokens):
+    >>> from circuits.patching.metrics import Answers, logit_diff
+    >>> from tunelens.tasks.entity_tracking import counterfactuals
+    >>> clean = dataset.encode(model.tokenizer)
+    >>> corrupt = counterfactuals(dataset, "query", seed=0).encode(model.tokenizer)  # another box queried
+    >>> answers = Answers.from_encoded(clean, foil=corrupt)
+    >>> source, target = trace(model, clean.tokens), trace(model, corrupt.tokens)
+    >>> cells = layer_pos_cells("resid_pre", layers=range(4), positions=range(25))
     >>> last = run_cells(target, source, cells, answers)  # LastLogits, leading dims (cell, prompt)
+    >>> tuple(logit_diff(last).shape)
+    (100, 12)
+    >>> everything = run_cells(target, source, [(Patch("resid_pre", 0),)], answers)  # every position
+    >>> torch.allclose(logit_diff(everything)[0], logit_diff(source.last(answers)), atol=1e-4)
+    True
 """
 
 from __future__ import annotations

@@ -12,9 +12,15 @@ The metric is ``logit(answer) − logit(foil)`` at the last position: ``answer``
 the prompt (or the one given), ``foil`` its top token on the counterfactual (the next best if that equals
 the answer).
 
-Example:
-    >>> result = live_sweep(model, "The cat sat on the", "The dog sat on the", top_k=5)  # doctest: +SKIP
-    >>> result.figure()  # doctest: +SKIP
+Example (``model``: a tiny Llama of 4 layers × 4 heads):
+    >>> prompt = "The pen is in Box C. The cup is in Box D. Box C contains the"
+    >>> counterfactual = "The pen is in Box C. The cup is in Box D. Box D contains the"
+    >>> result = live_sweep(model, prompt, counterfactual, answer=" pen", top_k=5)
+    >>> result.answer, len(result.tokens), tuple(result.resid_estimate.shape)  # resid: layer × position
+    ('pen', 18, (4, 18))
+    >>> result.n_sites, len(result.sites)  # attn_out, mlp_out and 4 heads per layer and position; the top 5
+    (432, 5)
+    >>> fig = result.figure()
 """
 
 from __future__ import annotations

@@ -22,9 +22,22 @@ or the paper's source = corrupt, target = clean (the most negative scores matter
 sender's layer and position from the target's cached residual, keys and values (see
 :mod:`tunelens.stepwise`), and all senders of one layer run as one batch.
 
-Example:
-    >>> res = path_patching(target, source, answers, senders=[(0, 1)], receivers=[(1, 2)], via="k",
-    ...                     sender_pos=5, receiver_pos=5)  # doctest: +SKIP
+Example (``model``: a tiny Llama of 4 layers with 4 query heads in 2 KV groups; ``dataset``: 12
+entity-tracking prompts of 25 tokens, the query's box letter at position 22):
+    >>> from circuits.patching.engine import trace
+    >>> from circuits.patching.metrics import Answers
+    >>> from tunelens.tasks.entity_tracking import counterfactuals
+    >>> clean = dataset.encode(model.tokenizer)
+    >>> corrupt = counterfactuals(dataset, "query", seed=0).encode(model.tokenizer)  # another box queried
+    >>> answers = Answers.from_encoded(clean, foil=corrupt)
+    >>> source = trace(model, clean.tokens, record=["z"])
+    >>> target = trace(model, corrupt.tokens, record=["z"])
+    >>> res = path_patching(target, source, answers, senders=[(0, 1), (1, 2), (2, 0)],
+    ...                     receivers=[(3, 0), (3, 1)], via="k", sender_pos=22, receiver_pos=22)
+    >>> res.units  # the query heads 0 and 1 of layer 3 share KV group 0
+    [[3, 0]]
+    >>> tuple(res.effect("logit_diff").shape)  # the change of the metric, per sender
+    (3,)
 """
 
 from __future__ import annotations

@@ -16,13 +16,19 @@ Results go under ``out/circuits`` and ``out/circuit``; ``out/summary.json`` hold
 question — does fine-tuning *enhance* a circuit the base already has? — is well posed there, unlike on
 SmolLM2 whose base is at chance).
 
-Example (a toy-size run on the tiny zoo pair)::
+Example (a toy-size run; ``pair``: a base and its fine-tune, tiny 4-layer Llamas, where a user would
+take the zoo's trained ``zoo.load_pair("tiny")``)::
 
     >>> import tempfile
+    >>> from pathlib import Path
     >>> from circuits.studies.runner import TOY, run_pair_study
-    >>> from tunelens.models import zoo
-    >>> with tempfile.TemporaryDirectory() as out:  # doctest: +SKIP
-    ...     summary = run_pair_study(zoo.load_pair("tiny"), out, TOY)
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     summary = run_pair_study(pair, out, TOY)
+    ...     written = sorted(p.name for p in Path(out).iterdir())
+    >>> written
+    ['circuit', 'circuits', 'summary.json']
+    >>> sorted(summary)
+    ['circuit', 'pair', 'seconds', 'settings', 'study', 'zoo_accuracy']
 """
 
 from __future__ import annotations

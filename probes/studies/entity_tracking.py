@@ -6,9 +6,15 @@ queried object (one class per object word; or, with ``label="segment"``, which s
 split keeps a world's queries together. The control task gives each *query box letter* a random object:
 the letter is two tokens back, so a probe that merely memorises letters scores on the control.
 
-Example:
-    >>> res = entity_tracking_study(pair, EntityTrackingSettings(n_contexts=70))  # doctest: +SKIP
-    >>> res.figure().show()  # doctest: +SKIP
+Example (``pair``: a base and its fine-tune, tiny 4-layer Llamas; toy sizes: a reported score needs 100
+held-out examples, so ``tunelens demo`` runs ``DEMO_SETTINGS["entity_tracking"]`` of
+:mod:`probes.studies.settings`, 70 worlds with half of them held out):
+    >>> from probes.config import ProbeConfig
+    >>> toy = EntityTrackingSettings(n_contexts=20, probe=ProbeConfig(min_test_items=10))
+    >>> res = entity_tracking_study(pair, toy)
+    >>> res.summary()["n_test"], res.summary()["n_test_items"]  # 6 held-out worlds of 3 queries each
+    (18, 6)
+    >>> fig = res.figure()  # score by layer, both models, with the control task
 """
 
 from __future__ import annotations
