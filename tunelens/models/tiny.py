@@ -97,6 +97,88 @@ def tiny_gemma(cfg: TinyConfig, vocab_size: int, seed: int):
     return Gemma3ForCausalLM(config).eval()
 
 
+def tiny_family(
+    family: str,
+    cfg: TinyConfig = TinyConfig(n_layers=3),
+    vocab_size: int = 128,
+    seed: int = 0,
+    *,
+    sliding_window: int | None = None,
+) -> torch.nn.Module:
+    """A randomly initialised tiny model of any declared HF family (:data:`tunelens.families.FAMILIES`),
+    built from the family's own HF config class in well under a second; nothing is downloaded.
+
+    Weights are redrawn with standard deviation ``1/sqrt(fan_in)`` (biases and norm weights included), so
+    every path carries signal: HF's default initialisation (std 0.02, unit norms, zero biases) would leave
+    biases, norm gains and soft-caps untested. ``sliding_window``: a window short enough to bite on short
+    prompts (families without one ignore it); GPT-NeoX and GPT-2 have no grouped-query attention, so they
+    get ``n_kv_heads = n_heads``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelens.families import FAMILIES
+
+    fam = FAMILIES[family]
+    kv = cfg.n_heads if family in ("gpt2", "gpt_neox") else cfg.n_kv_heads
+    kw = {
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": kv,
+        "head_dim": cfg.d_model // cfg.n_heads,
+        "max_position_embeddings": cfg.n_ctx,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "architectures": list(fam.architectures),
+        "attn_implementation": "eager",
+        "tie_word_embeddings": family in ("gpt2", "gemma2", "gemma3_text"),
+    }
+    if family == "gpt2":
+        kw = {
+            "vocab_size": vocab_size,
+            "n_embd": cfg.d_model,
+            "n_inner": cfg.d_mlp,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_positions": cfg.n_ctx,
+            **{k: kw[k] for k in ("bos_token_id", "eos_token_id", "architectures", "attn_implementation")},
+            "tie_word_embeddings": True,
+        }
+    if family == "gpt_neox":
+        kw.pop("head_dim")
+        kw.pop("num_key_value_heads")
+    config = AutoConfig.for_model(family, **kw)
+    if hasattr(config, "sliding_window"):
+        config.sliding_window = sliding_window
+    if family in ("qwen2", "qwen3") and sliding_window is not None:
+        config.use_sliding_window = True
+        config.max_window_layers = 1  # layers from the second on slide
+        config.layer_types = [
+            "sliding_attention" if i >= config.max_window_layers else "full_attention"
+            for i in range(cfg.n_layers)
+        ]
+    if family in ("gemma2", "gemma3_text") and sliding_window is None:
+        config.sliding_window = cfg.n_ctx  # the family always has local layers; a window that never bites
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            fan_in = param.shape[-1] if param.ndim > 1 else cfg.d_model
+            if fam.conv1d and param.ndim == 2 and not name.endswith(("wte.weight", "wpe.weight")):
+                fan_in = param.shape[0]  # Conv1D stores (in, out)
+            if (param.ndim == 1 and "norm" in name) or name.endswith(
+                ("ln_1.weight", "ln_2.weight", "ln_f.weight")
+            ):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+    return model
+
+
 def induction_batch(token_ids: torch.Tensor, batch: int, half: int, gen: torch.Generator) -> torch.Tensor:
     """Random sequences of ``half`` tokens drawn from ``token_ids``, each repeated once."""
     first = token_ids[torch.randint(len(token_ids), (batch, half), generator=gen)]

@@ -1,0 +1,150 @@
+"""What tunelens needs to know about an HF decoder family: where its modules live and how a fused projection
+splits. Nothing else: the forward pass is always the HF model's own (:mod:`tunelens.backends.layerwise`).
+
+A :class:`Family` is a declaration. Paths are relative to the ``*ForCausalLM`` (``layers``, ``final_norm``,
+``embed``) or to one decoder layer (the rest). Measured facts behind each declaration: ten families on tiny
+random-init models, verified by ``tests/unit/families/test_families.py`` against the HF modules themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from tunelens.dims import ModelDims
+from tunelens.errors import ConfigError
+
+QKV = Literal["q", "k", "v"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """Where things live in one HF decoder family.
+
+    ``qkv``: the q, k and v projections (three paths), or one fused projection (a one-element tuple) that
+    splits as ``qkv_split``: ``"concat"`` = ``[Q (H·D) | K (Hkv·D) | V (Hkv·D)]``, ``"interleaved"`` = per
+    head ``[q_h | k_h | v_h]`` (GPT-NeoX). ``out_proj``: the attention's output projection; its *input* is the
+    per-head ``z`` (head-major, ``H·D`` wide). ``attn_add`` / ``mlp_add``: the modules whose output (first
+    element when it is a tuple) is what the attention / MLP adds to the residual stream — the attention
+    module itself, or a norm after it (Gemma-2/3, OLMo-2). ``conv1d``: weights stored ``(in, out)`` (GPT-2's
+    Conv1D) instead of ``nn.Linear``'s ``(out, in)``.
+    """
+
+    name: str  # HF model_type
+    architectures: tuple[str, ...]
+    layers: str
+    final_norm: str
+    embed: str
+    attention: str
+    qkv: tuple[str, ...]
+    out_proj: str
+    mlp: str
+    mlp_out_proj: str
+    attn_add: str
+    mlp_add: str
+    qkv_split: Literal["concat", "interleaved"] = "concat"
+    conv1d: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.qkv) not in (1, 3):
+            raise ConfigError(f"family {self.name}: qkv is three projections or one fused, got {self.qkv}")
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(self.qkv) == 1
+
+    # -- modules ---------------------------------------------------------------------------------------
+    def layer_modules(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of ``model`` (a ``*ForCausalLM``, or a peft model wrapping one)."""
+        return _get(_unwrap(model), self.layers)
+
+    def module(self, model: nn.Module, layer: int, path: str) -> nn.Module:
+        """The module at ``path`` (relative to a decoder layer) of layer ``layer``."""
+        return _get(self.layer_modules(model)[layer], path)
+
+    def parallel_residual(self, config: Any) -> bool:
+        """Attention and MLP both read the layer's input (GPT-NeoX's default): there is no ``resid_mid``."""
+        return bool(getattr(config, "use_parallel_residual", False))
+
+    def dims(self, config: Any) -> ModelDims:
+        """The sizes of a model of this family, from its HF config (whose attribute map covers GPT-2's
+        own names)."""
+        n_heads = config.num_attention_heads
+        d_model = config.hidden_size
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        return ModelDims(
+            architecture=self.architectures[0],
+            n_layers=config.num_hidden_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            d_head=getattr(config, "head_dim", None) or d_model // n_heads,
+            d_mlp=d_mlp,
+            d_vocab=config.vocab_size,
+            n_ctx=config.max_position_embeddings,
+        )
+
+    # -- the q / k / v blocks of the projections ---------------------------------------------------------
+    def qkv_rows(self, dims: ModelDims) -> dict[QKV, tuple[str, Tensor]]:
+        """For q, k and v: the projection (path relative to a layer) and the indices of its output features
+        that carry it, in head-major order (``head·d_head + i``)."""
+        h, kv, d = dims.n_heads, dims.n_kv_heads, dims.d_head
+        if not self.fused_qkv:
+            q, k, v = self.qkv
+            return {
+                "q": (q, torch.arange(h * d)),
+                "k": (k, torch.arange(kv * d)),
+                "v": (v, torch.arange(kv * d)),
+            }
+        (path,) = self.qkv
+        if self.qkv_split == "concat":
+            return {
+                "q": (path, torch.arange(h * d)),
+                "k": (path, torch.arange(h * d, (h + kv) * d)),
+                "v": (path, torch.arange((h + kv) * d, (h + 2 * kv) * d)),
+            }
+        if kv != h:
+            raise ConfigError(f"family {self.name}: an interleaved qkv needs n_kv_heads == n_heads")
+        base = (torch.arange(h)[:, None] * 3 * d + torch.arange(d)[None]).reshape(-1)
+        return {"q": (path, base), "k": (path, base + d), "v": (path, base + 2 * d)}
+
+    def out_features(self, module: nn.Module) -> int:
+        """The output width of a projection of this family (Conv1D stores ``(in, out)``)."""
+        weight = _weight(module)
+        return weight.shape[1] if self.conv1d else weight.shape[0]
+
+    def zero_outputs(self, module: nn.Module, index: Tensor) -> None:
+        """Set output features ``index`` of a projection to zero, weight and bias (an edit, for tests and
+        ablations; in place, without gradients)."""
+        weight = _weight(module)
+        with torch.no_grad():
+            if self.conv1d:
+                weight[:, index] = 0
+            else:
+                weight[index, :] = 0
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias[index] = 0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` under a peft wrapper (peft keeps the module tree, with its layers wrapped)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{type(root).__name__} has no module {path!r} (stopped at {part!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _weight(module: nn.Module) -> Tensor:
+    base = getattr(module, "base_layer", None)  # a peft LoRA wrapper: the stored weight is its base layer's
+    return (base if base is not None else module).weight
