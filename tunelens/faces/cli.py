@@ -174,13 +174,16 @@ def cmd_app(args) -> int:
     import os
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # tunelens/faces/cli.py -> the folder holding app/
+    script = root / "app" / "streamlit_app.py"
+    if not script.is_file():
+        raise ConfigError(f"the app's script is not where tunelens expects it ({script}); reinstall tunelens")
     results = Path(args.results_dir).expanduser().resolve()
     if not results.is_dir():
         _say(f"note: results folder {results} does not exist yet; the app says so and lets you pick another")
     env = {**os.environ, "TUNELENS_RESULTS": str(results)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(root / "app" / "streamlit_app.py"),
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script),
            "--server.address", "127.0.0.1", "--server.port", str(args.port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false"]  # fmt: skip
     _say(f"tunelens app on http://127.0.0.1:{args.port} (results: {results}); Ctrl-C stops it")
