@@ -8,10 +8,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tunelens.errors import ModelLoadError
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM")
-
 
 @dataclass(frozen=True, kw_only=True)
 class ModelDims:
@@ -41,15 +37,12 @@ class ModelDims:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelDims:
-        """Read sizes from a transformers config (Llama or Gemma-3 text models)."""
+        """Read sizes from a transformers config (its attribute map covers GPT-2's own names). Which
+        families tunelens runs is decided where a model is loaded (``LoadedModel``)."""
         archs = getattr(config, "architectures", None) or []
         arch = archs[0] if archs else type(config).__name__.replace("Config", "ForCausalLM")
         if arch == "Gemma3ForConditionalGeneration":
             arch = "Gemma3ForCausalLM"
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"unsupported architecture {arch!r}; expected one of {SUPPORTED_ARCHITECTURES}"
-            )
         cfg = getattr(config, "text_config", None) or config
         n_heads = cfg.num_attention_heads
         return cls(
@@ -59,7 +52,12 @@ class ModelDims:
             n_heads=n_heads,
             n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
             d_head=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
-            d_mlp=cfg.intermediate_size,
+            d_mlp=_d_mlp(cfg),
             d_vocab=cfg.vocab_size,
             n_ctx=cfg.max_position_embeddings,
         )
+
+
+def _d_mlp(cfg: Any) -> int:
+    """The MLP width: ``intermediate_size``, GPT-2's ``n_inner``, or GPT-2's default of 4 × d_model."""
+    return getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size

@@ -335,6 +335,25 @@ def _app(name: str):
     return getattr(app.live, name)
 
 
+def _family_folder(ctx, family: str) -> Path:
+    """A tiny random-init model of a declared family, saved as an HF folder with the tiny tokenizer."""
+    from tunelens.models.tiny import tiny_family
+
+    folder = ctx.tmp / f"family-{family}"
+    if not folder.exists():
+        tiny_family(family, vocab_size=len(ctx.tok.get_vocab())).save_pretrained(folder)
+        ctx.tok.save_pretrained(folder)
+    return folder
+
+
+def _runtime_dims_of(model_type: str):
+    from transformers import AutoConfig
+
+    from tunelens.models.loaded import runtime_dims
+
+    return runtime_dims(AutoConfig.for_model(model_type))
+
+
 def _intruders(**kw):
     from spectral.intruders import IntruderConfig
 
@@ -371,6 +390,20 @@ CASES = [
         lambda ctx: load_hf_folder(_folder(ctx, "empty", {})),
         ModelLoadError,
         r"'.*/empty' is not a model folder: expected a config\.json .*found \[\]",
+    ),
+    Case(
+        "load_model-family-declared-not-run",
+        lambda ctx: load_model(_family_folder(ctx, "gpt2")),
+        ModelLoadError,
+        r"GPT2LMHeadModel \(family 'gpt2'\) is declared in tunelens/families/ and checked against HF, but "
+        r"the analyses run on llama and gemma3_text models only so far",
+    ),
+    Case(
+        "model-unknown-family",
+        lambda ctx: _runtime_dims_of("t5"),
+        ModelLoadError,
+        r"unsupported model family 't5' \(architectures: none\); tunelens knows llama, mistral, .*, olmo2: a "
+        r"decoder-only family is added by a small declaration in tunelens/families/",
     ),
     Case(
         "folder-of-random-files",

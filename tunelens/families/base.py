@@ -69,24 +69,6 @@ class Family:
         """Attention and MLP both read the layer's input (GPT-NeoX's default): there is no ``resid_mid``."""
         return bool(getattr(config, "use_parallel_residual", False))
 
-    def dims(self, config: Any) -> ModelDims:
-        """The sizes of a model of this family, from its HF config (whose attribute map covers GPT-2's
-        own names)."""
-        n_heads = config.num_attention_heads
-        d_model = config.hidden_size
-        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-        return ModelDims(
-            architecture=self.architectures[0],
-            n_layers=config.num_hidden_layers,
-            d_model=d_model,
-            n_heads=n_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-            d_head=getattr(config, "head_dim", None) or d_model // n_heads,
-            d_mlp=d_mlp,
-            d_vocab=config.vocab_size,
-            n_ctx=config.max_position_embeddings,
-        )
-
     # -- the q / k / v blocks of the projections ---------------------------------------------------------
     def qkv_rows(self, dims: ModelDims) -> dict[QKV, tuple[str, Tensor]]:
         """For q, k and v: the projection (path relative to a layer) and the indices of its output features

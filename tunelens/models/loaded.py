@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -15,7 +15,8 @@ from torch import nn
 from tunelens.backends.base import Backend, TokenBatch
 from tunelens.backends.hooks import adapter_enabled
 from tunelens.dims import ModelDims
-from tunelens.errors import ConfigError, DeviceError
+from tunelens.errors import ConfigError, DeviceError, ModelLoadError
+from tunelens.families import family_of_config
 from tunelens.tasks.base import encode_prompts
 from tunelens.weights import content_hash
 
@@ -72,7 +73,7 @@ class LoadedModel:
         self.source = source
         self.adapter = adapter
         self.name = name or source.location
-        self.dims = ModelDims.from_hf_config(self.hf.config)
+        self.dims = runtime_dims(self.hf.config)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
@@ -136,3 +137,22 @@ class LoadedModel:
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
         return self.tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+RUNTIME_FAMILIES = ("llama", "gemma3_text")
+"""The declared families (:mod:`tunelens.families`) the activation analyses run on today."""
+
+
+def runtime_dims(config: Any) -> ModelDims:
+    """The sizes of a model tunelens can run, or a :class:`ModelLoadError` saying why not: a family it does
+    not know (naming the known ones and where to add one), or a declared family the analyses' runtime does
+    not cover yet."""
+    text = getattr(config, "text_config", None) or config  # Gemma-3's multimodal wrapper: its text model
+    family = family_of_config(text)
+    if family.name not in RUNTIME_FAMILIES:
+        raise ModelLoadError(
+            f"{family.architectures[0]} (family {family.name!r}) is declared in tunelens/families/ and "
+            f"checked against HF, but the analyses run on {' and '.join(RUNTIME_FAMILIES)} models only so "
+            "far; expected a Llama-style or Gemma-3 text model"
+        )
+    return ModelDims.from_hf_config(config)

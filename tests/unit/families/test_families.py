@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tunelens.backends.layerwise import layer_types, run_from_layer
+from tunelens.dims import ModelDims
 from tunelens.errors import ModelLoadError
 from tunelens.families import FAMILIES, family_of_config
 from tunelens.models.tiny import TinyConfig, tiny_family
@@ -45,7 +46,7 @@ def test_the_declaration_names_the_models_modules(name):
     fam = FAMILIES[name]
     model = tiny_family(name, CFG, seed=1)
     assert family_of_config(model.config) is fam
-    dims = fam.dims(model.config)
+    dims = ModelDims.from_hf_config(model.config)
     assert (dims.n_layers, dims.d_model, dims.n_heads, dims.d_head) == (3, 64, 4, 16)
     assert len(fam.layer_modules(model)) == dims.n_layers
     for path in (fam.attention, *fam.qkv, fam.out_proj, fam.mlp, fam.mlp_out_proj, fam.attn_add, fam.mlp_add):
@@ -111,7 +112,7 @@ def test_zeroing_the_declared_q_or_k_block_makes_attention_uniform(name, blank):
     v over the real positions so far: a wrong split (or a wrong head order) breaks this."""
     fam = FAMILIES[name]
     model = tiny_family(name, CFG, seed=3)
-    dims = fam.dims(model.config)
+    dims = ModelDims.from_hf_config(model.config)
     path, rows = fam.qkv_rows(dims)[blank]
     for layer in range(dims.n_layers):
         fam.zero_outputs(fam.module(model, layer, path), rows)
@@ -129,7 +130,7 @@ def test_zeroing_the_declared_q_or_k_block_makes_attention_uniform(name, blank):
 def test_zeroing_one_kv_heads_v_silences_exactly_its_query_heads(name):
     fam = FAMILIES[name]
     model = tiny_family(name, CFG, seed=4)
-    dims = fam.dims(model.config)
+    dims = ModelDims.from_hf_config(model.config)
     path, rows = fam.qkv_rows(dims)["v"]
     fam.zero_outputs(fam.module(model, 0, path), rows[: dims.d_head])  # KV head 0
     z, _ = _z_and_v(model, fam, dims, *_batch("right"))
@@ -202,3 +203,19 @@ def test_an_unknown_family_is_refused_naming_the_known_ones():
         ModelLoadError, match=r"unsupported model family 't5'.*llama, mistral.*tunelens/families/"
     ):
         family_of_config(config)
+
+
+def test_loading_a_declared_family_the_runtime_does_not_cover_says_so():
+    from tunelens.models.loaded import RUNTIME_FAMILIES, LoadedModel, ModelSource
+    from tunelens.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    src = ModelSource(kind="memory", location="tiny")
+    for name in NAMES:
+        module = tiny_family(name, CFG, vocab_size=len(tok.get_vocab()), seed=7)
+        if name in RUNTIME_FAMILIES:
+            assert LoadedModel(module, tok, source=src).dims.n_layers == CFG.n_layers
+        else:
+            want = rf"\(family '{name}'\) is declared in tunelens/families/.*run on llama and gemma3_text"
+            with pytest.raises(ModelLoadError, match=want):
+                LoadedModel(module, tok, source=src)
