@@ -170,25 +170,18 @@ def bench_atlas(results: str, pair_name: str, layers: list[int], before_rev: str
               f"max difference {_same_atlas(old, new):.1e}")  # fmt: skip
 
 
-def bench_attribution() -> None:
-    try:
-        from circuits import live_sweep  # noqa: F401
-    except ImportError:
-        print("live attribution sweep: circuits.live_sweep does not exist yet; not measured")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="?", default=str(ROOT / "results" / "demo"))
     p.add_argument("--pair", default="smollm2-et")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", choices=["pages", "steering", "atlas", "attribution"], action="append")
+    p.add_argument("--only", choices=["pages", "steering", "atlas"], action="append")
     p.add_argument("--atlas-before", default=ATLAS_BEFORE, help="git revision of the atlas baseline")
     p.add_argument("--atlas-layers", default="3,10,17,24", help="layers to time, comma-separated")
     args = p.parse_args()
     if not Path(args.results).is_dir():
         sys.exit(f"{args.results} does not exist; run `tunelens demo` first (or give a results folder)")
-    only = set(args.only or ["pages", "steering", "atlas", "attribution"])
+    only = set(args.only or ["pages", "steering", "atlas"])
     if "pages" in only:
         bench_pages(args.results, args.pair, args.repeats)
     if "steering" in only:
@@ -196,8 +189,6 @@ def main() -> None:
     if "atlas" in only:
         layers = [int(x) for x in args.atlas_layers.split(",")]
         bench_atlas(args.results, args.pair, layers, args.atlas_before)
-    if "attribution" in only:
-        bench_attribution()
 
 
 if __name__ == "__main__":
