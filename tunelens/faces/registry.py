@@ -47,10 +47,10 @@ ENVIRONMENT = Study(
 
 # The order the demo and reproduce run them in (a study may read what an earlier one saved).
 ORDER = ("environment", "probes", "circuits", "spectral", "knob", "circuits-gemma")
-STUDIES: dict[str, Study] = {s.key: s for s in (ENVIRONMENT, *PROBES, *CIRCUITS, *SPECTRAL)}
-if set(STUDIES) != set(ORDER) or len(STUDIES) != len((ENVIRONMENT, *PROBES, *CIRCUITS, *SPECTRAL)):
-    raise ConfigError(f"study registry: keys {sorted(STUDIES)} do not match the order {ORDER}")
-STUDIES = {key: STUDIES[key] for key in ORDER}
+_ALL = (ENVIRONMENT, *PROBES, *CIRCUITS, *SPECTRAL)
+if sorted(s.key for s in _ALL) != sorted(ORDER):  # a missing, extra or repeated key
+    raise ConfigError(f"study registry: keys {sorted(s.key for s in _ALL)} do not match the order {ORDER}")
+STUDIES: dict[str, Study] = {s.key: s for s in sorted(_ALL, key=lambda s: ORDER.index(s.key))}
 
 
 def study(key: str) -> Study:

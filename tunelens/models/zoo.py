@@ -420,8 +420,6 @@ def load_pair(name: str, *, device: str = "cpu", progress: Progress | None = Non
             build(model, progress=(lambda msg: progress("  " + msg)) if progress is not None else None)
     base = load(base_name, device=device)
     if entry(tuned_name).kind == "lora":
-        if not is_built(tuned_name):
-            build(tuned_name)
         pair = load_adapter_pair(base, path(tuned_name), mode="switch", name=tuned_name)
     else:
         pair = ModelPair(base, load(tuned_name, device=device))

