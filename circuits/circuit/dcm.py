@@ -13,7 +13,7 @@ Adam (lr 0.1), batches of 32; every ``eval_every`` steps the masks are rounded a
 patched). The reported heads are those with rounded ``m = 0``.
 
 Runs are partial: each step starts at the group's first layer and position from the base run's cached
-residual, keys and values (see :mod:`tunelens.stepwise`).
+residual, keys and values (see :mod:`tunelens.backends.stepwise`).
 
 Example (``model``: an untrained tiny Llama of 4 layers × 4 heads; ``dataset``: 12 entity-tracking
 prompts): which heads at the last position carry the answer of another queried box?

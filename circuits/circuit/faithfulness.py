@@ -40,10 +40,10 @@ from torch import Tensor
 
 from circuits.circuit.result import CircuitResult
 from circuits.patching.metrics import Answers, LastLogits, accuracy, logit_diff
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import model_provenance
-from tunelens.stepwise import Stepper
 from tunelens.tasks.base import Encoded
 
 HeadAt = tuple[int, int, str | int]

@@ -50,10 +50,10 @@ from torch import Tensor
 from circuits.patching.engine import Run, trace
 from circuits.patching.metrics import Answers, LastLogits, logit_diff
 from circuits.patching.path_patching import PathPatchingResult, path_patching, receiver_units
+from tunelens.backends.stepwise import Trace
 from tunelens.errors import ConfigError, ShapeError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result, model_provenance
-from tunelens.stepwise import Trace
 from tunelens.tasks.base import Encoded
 from tunelens.weights import frozen
 

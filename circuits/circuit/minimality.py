@@ -38,10 +38,10 @@ import torch
 from circuits.circuit.faithfulness import HeadAt, MeanZ, Scope, ablated_last, check_scope, keep_masks, mean_z
 from circuits.circuit.groups import GROUP_COLOURS, head_map_axes
 from circuits.patching.metrics import Answers, LastLogits, accuracy, answer_prob
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result, model_provenance
-from tunelens.stepwise import Stepper
 from tunelens.tasks.base import Encoded
 
 PruneMetric = Literal["accuracy", "prob"]

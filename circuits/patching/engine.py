@@ -43,9 +43,9 @@ from torch import Tensor
 
 from circuits.patching.metrics import Answers, LastLogits
 from tunelens.backends.base import TokenBatch
+from tunelens.backends.stepwise import Stepper, Trace
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.loaded import LoadedModel
-from tunelens.stepwise import Stepper, Trace
 
 PatchKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v"]
 PATCH_KINDS: tuple[str, ...] = get_args(PatchKind)

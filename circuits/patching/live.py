@@ -36,10 +36,10 @@ from circuits.patching.attribution import pearson
 from circuits.patching.engine import Patch, Run, run_cells, trace
 from circuits.patching.metrics import Answers, LastLogits, logit_diff
 from tunelens.backends.base import TokenBatch
+from tunelens.backends.stepwise import Stepper, Trace
 from tunelens.errors import ConfigError, PromptError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result
-from tunelens.stepwise import Stepper, Trace
 from tunelens.weights import frozen
 
 SITE_KINDS = ("attn_out", "mlp_out", "z")  # candidates for exact patching

@@ -20,7 +20,7 @@ their groups (``PathPatchingResult.units`` says what was patched).
 Within a model use source = clean, target = corrupt (the sender restores the clean answer along the path)
 or the paper's source = corrupt, target = clean (the most negative scores matter). Runs start at the
 sender's layer and position from the target's cached residual, keys and values (see
-:mod:`tunelens.stepwise`), and all senders of one layer run as one batch.
+:mod:`tunelens.backends.stepwise`), and all senders of one layer run as one batch.
 
 Example (``model``: a tiny Llama of 4 layers with 4 query heads in 2 KV groups; ``dataset``: 12
 entity-tracking prompts of 25 tokens, the query's box letter at position 22):

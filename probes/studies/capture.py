@@ -14,10 +14,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from probes.studies.settings import CaptureSettings
+from tunelens.backends.stepwise import Stepper
 from tunelens.cache import CacheConfig, capture
 from tunelens.models.pair import ModelPair
 from tunelens.sites import Site
-from tunelens.stepwise import Stepper
 from tunelens.tasks.base import Dataset
 
 Progress = Callable[[str], None]

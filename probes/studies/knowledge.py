@@ -115,7 +115,7 @@ def known_facts(pair: ModelPair, facts: Sequence[Fact], settings: FactSettings) 
         sites=(final,), positions="last", batch_size=settings.batch_size, backend=settings.backend
     )
     got = capture_pair(pair, data, cfg)
-    from tunelens.stepwise import Stepper
+    from tunelens.backends.stepwise import Stepper
 
     answers = _answer_ids(pair, data)
     out = {}

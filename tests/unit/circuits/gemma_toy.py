@@ -1,5 +1,5 @@
 """A tiny Gemma-3 pair with every Gemma-specific path switched on, and reference computations on the plain
-HF forward (PyTorch hooks on the HF modules, no :mod:`tunelens.stepwise`, no backend).
+HF forward (PyTorch hooks on the HF modules, no :mod:`tunelens.backends.stepwise`, no backend).
 
 The toy: a BOS-prepending word-level tokenizer; 3 layers of 4 query heads sharing 1 KV head; layer types
 sliding, full, sliding with an 8-token window (shorter than the prompts); q_norm/k_norm; the post-attention

@@ -22,10 +22,10 @@ from circuits.patching.metrics import Answers
 from circuits.patching.path_patching import path_patching, receiver_units
 from tests.unit.circuits.conftest import induction_data
 from tests.unit.circuits.planted_groups import PLANTED, planted_model
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError, ShapeError
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.results import load_result
-from tunelens.stepwise import Stepper
 from tunelens.tasks import entity_tracking as et
 
 NAMES = ("value_fetcher", "position_transmitter", "position_detector", "structure_reader")

@@ -12,9 +12,9 @@ import torch
 
 from circuits.circuit.minimality import prune, relative_drop
 from tests.unit.circuits.planted_groups import PLANTED, planted_model
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError
 from tunelens.results import load_result
-from tunelens.stepwise import Stepper
 from tunelens.tasks import entity_tracking as et
 
 USELESS = {"value_fetcher": (3, 0), "position_transmitter": (2, 1)}  # write only where nothing reads

@@ -14,9 +14,9 @@ from circuits.patching.engine import trace
 from circuits.patching.live import LiveSweepResult, live_sweep
 from circuits.patching.metrics import Answers
 from tests.unit.circuits.conftest import induction_ids
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError, PromptError
 from tunelens.results import load_result
-from tunelens.stepwise import Stepper
 
 
 def _words(tok, idx) -> str:

@@ -11,9 +11,9 @@ from circuits.patching.metrics import Answers, logit_diff
 from circuits.patching.path_patching import path_patching, receiver_units
 from tests.conftest import make_tiny
 from tests.unit.circuits.conftest import induction_data
+from tunelens.backends.stepwise import Stepper
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.tiny import TinyConfig
-from tunelens.stepwise import Stepper
 
 SENDER, RECEIVER = 1, 2  # layer-0 sender head; layer-1 receiver query head (KV group 1)
 
