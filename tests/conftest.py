@@ -13,7 +13,7 @@ import torch
 
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
-from tunelens.models.tiny import TinyConfig, tiny_gemma, tiny_llama, tiny_tokenizer
+from tunelens.models.tiny import TinyConfig, tiny_family, tiny_gemma, tiny_llama, tiny_tokenizer
 
 ET_PROMPTS = [
     "The apple is in Box F. The cup is in Box Q. The dog is in Box B. Box Q contains the",
@@ -79,10 +79,22 @@ def tiny_gemma_model(tiny_tok) -> LoadedModel:
     )
 
 
-@pytest.fixture(scope="session", params=["llama", "gemma"])
-def arch_model(request) -> LoadedModel:
-    """A tiny model of each supported architecture (Llama/SmolLM2 and Gemma-3 layouts)."""
-    return request.getfixturevalue("tiny_model" if request.param == "llama" else "tiny_gemma_model")
+OTHER_FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gpt2", "gpt_neox", "phi3", "olmo2")
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma", *OTHER_FAMILIES])
+def arch_model(request, tiny_tok) -> LoadedModel:
+    """A tiny model of each declared family: the Llama/SmolLM2 and Gemma-3 tiny models, and a random-init
+    model of each other family built from its HF config (a sliding window of 4 where the family has one)."""
+    if request.param == "llama":
+        return request.getfixturevalue("tiny_model")
+    if request.param == "gemma":
+        return request.getfixturevalue("tiny_gemma_model")
+    name = f"tiny-{request.param}"
+    module = tiny_family(
+        request.param, TinyConfig(n_layers=2), len(tiny_tok.get_vocab()), seed=0, sliding_window=4
+    )
+    return LoadedModel(module, tiny_tok, source=ModelSource(kind="memory", location=name), name=name)
 
 
 @pytest.fixture(scope="session")

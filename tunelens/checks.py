@@ -35,10 +35,12 @@ class CheckResult:
 
 
 def check_sites(model: LoadedModel) -> list[Site]:
-    """A spread of sites over the model: every kind, at the first, middle and last layer."""
+    """A spread of sites over the model: every kind it has, at the first, middle and last layer."""
     n = model.dims.n_layers
     layers = sorted({0, n // 2, n - 1})
     kinds = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+    if model.dims.parallel_residual:  # GPT-NeoX: attention and MLP both read resid_pre
+        kinds = tuple(k for k in kinds if k != "resid_mid")
     return [Site(k, layer) for layer in layers for k in kinds]  # type: ignore[arg-type]
 
 

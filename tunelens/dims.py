@@ -22,6 +22,7 @@ class ModelDims:
     d_mlp: int
     d_vocab: int
     n_ctx: int
+    parallel_residual: bool = False  # attention and MLP both read the block input (GPT-NeoX): no resid_mid
 
     @property
     def group_size(self) -> int:
@@ -55,6 +56,7 @@ class ModelDims:
             d_mlp=_d_mlp(cfg),
             d_vocab=cfg.vocab_size,
             n_ctx=cfg.max_position_embeddings,
+            parallel_residual=bool(getattr(cfg, "use_parallel_residual", False)),
         )
 
 

@@ -4,7 +4,7 @@ Steering a model while it writes (the context knob's ``h ← h + u(c − uᵀh)`
 token and on every generated token. With a key/value cache each forward pass after the first sees exactly
 one new token, so "the last position of every forward" is that token. The backends run whole batches
 without a cache; this module instead attaches one forward hook to the HF decoder layer that carries the
-site (:func:`tunelens.sites.hf_module_path`, the only place module paths are named) for the duration of a
+site (:func:`tunelens.sites.module_side`, the only place module paths are named) for the duration of a
 ``with`` block, and removes it in ``finally``.
 
 Example:
@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tunelens.errors import ShapeError, SiteError
-from tunelens.sites import Site, hf_module_path
+from tunelens.sites import Site, module_side
 
 LastTokenFn = Callable[[Float[Tensor, "batch d_model"]], Float[Tensor, "batch d_model"]]
 
@@ -56,8 +56,9 @@ def last_token_edit(model, site: Site, fn: LastTokenFn) -> Iterator[None]:
     site.validate(model.dims)
     if site.kind not in ("resid_pre", "resid_post"):
         raise SiteError(f"last_token_edit edits the residual stream (resid_pre/resid_post), got {site}")
-    path, side = hf_module_path(site)
-    layer = model.hf.get_submodule(path)
+    where = module_side(site, model.family, model.dims)
+    side = where.side
+    layer = model.hf.get_submodule(where.path)
 
     if side == "output":
 

@@ -2,7 +2,8 @@
 
 A :class:`Site` names *what* to read or write (``kind``), in which ``layer`` and, for per-head kinds,
 which ``head``. Backends translate a site into their own hook point through :func:`bridge_hook_name`
-and :func:`nnsight_module_path`; no other module builds such names.
+and :func:`module_side` (from the family's declaration, :mod:`tunelens.families`); no other module builds
+such names.
 
 Activation shapes, in the dimension vocabulary ``batch pos layer head kv_head d_model d_head d_vocab``:
 
@@ -35,9 +36,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
 from tunelens.errors import SiteError
+from tunelens.families.base import as_slice
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from tunelens.dims import ModelDims
+    from tunelens.families import Family
 
 SiteKind = Literal[
     "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "pattern", "q", "k", "v", "logits"
@@ -117,6 +122,11 @@ class Site:
             raise SiteError(
                 f"site {self}: layer {self.layer} out of range; this model has layers 0..{dims.n_layers - 1}"
             )
+        if self.kind == "resid_mid" and dims.parallel_residual:
+            raise SiteError(
+                f"site {self}: this model has a parallel residual (attention and MLP both read "
+                "resid_pre), so there is no resid_mid; use resid_pre, attn_out, mlp_out or resid_post"
+            )
         if self.head is not None:
             n = dims.n_kv_heads if self.kind in KV_HEAD_KINDS else dims.n_heads
             if self.head >= n:
@@ -171,42 +181,46 @@ def bridge_hook_name(site: Site) -> str:
     return _BRIDGE_NAMES[site.kind].format(L=site.layer)
 
 
-_HF_MODULES = {
-    # kind: (module path under the CausalLM, which side: "input" or "output")
-    "resid_pre": ("model.layers.{L}", "input"),
-    "resid_post": ("model.layers.{L}", "output"),
-    "z": ("model.layers.{L}.self_attn.o_proj", "input"),
-    "q": ("model.layers.{L}.self_attn.q_proj", "output"),
-    "k": ("model.layers.{L}.self_attn.k_proj", "output"),
-    "v": ("model.layers.{L}.self_attn.v_proj", "output"),
-    "logits": ("lm_head", "output"),
-}
+@dataclass(frozen=True)
+class ModuleSide:
+    """Where an HF model carries a site: a module ``path`` (under the ``*ForCausalLM``), its ``side``
+    (``input``, ``output``, or ``output0``/``output1``: an element of a tuple output) and, for a q/k/v
+    block of a fused projection, the output ``features`` that hold it (``None``: the whole side)."""
+
+    path: str
+    side: str
+    features: slice | Tensor | None = None
 
 
-def hf_module_path(site: Site) -> tuple[str, str]:
-    """The HF module path and side (``input``/``output``) that carries a site, where one exists.
+def module_side(site: Site, family: Family, dims: ModelDims) -> ModuleSide:
+    """The HF module side that carries ``site`` in a model of ``family`` (its declared modules).
 
-    ``resid_mid``, ``attn_out``, ``mlp_out`` and ``pattern`` have no single module side in HF Llama and
-    Gemma layers; backends that need them compute them from neighbouring modules.
+    ``resid_mid`` has no module of its own (backends derive it as ``resid_pre + attn_out``); ``pattern`` is
+    the attention module's second output (eager attention).
     """
-    if site.kind not in _HF_MODULES:
-        raise SiteError(f"site kind {site.kind!r} has no single HF module")
-    path, side = _HF_MODULES[site.kind]
-    return path.format(L=site.layer), side
+    if site.kind == "logits":  # the model's output (after Gemma's final soft-cap), not lm_head's
+        return ModuleSide("", "output")
+    if site.kind == "resid_mid":
+        raise SiteError("site kind 'resid_mid' has no single HF module (it is resid_pre + attn_out)")
+    layer = f"{family.layers}.{site.layer}"
+    if site.kind == "resid_pre":
+        return ModuleSide(layer, "input")
+    if site.kind == "resid_post":
+        return ModuleSide(layer, "output")
+    if site.kind == "z":
+        return ModuleSide(f"{layer}.{family.out_proj}", "input")
+    if site.kind == "pattern":
+        return ModuleSide(f"{layer}.{family.attention}", "output1")
+    if site.kind == "attn_out":  # the attention module returns a tuple, a norm after it a tensor
+        return ModuleSide(
+            f"{layer}.{family.attn_add}", "output0" if family.attn_add == family.attention else "output"
+        )
+    if site.kind == "mlp_out":
+        return ModuleSide(f"{layer}.{family.mlp_add}", "output")
+    path, rows = family.qkv_rows(dims)[site.kind]  # type: ignore[index]
+    return ModuleSide(f"{layer}.{path}", "output", as_slice(rows) if family.fused_qkv else None)
 
 
-# HF module layout for backends that hook modules directly (nnsight). Order inside a layer is the order of
-# execution, which nnsight requires when a trace touches several modules.
-_LAYOUTS = {
-    "LlamaForCausalLM": {
-        "attn_out": ("model.layers.{L}.self_attn", "output0"),
-        "mlp_out": ("model.layers.{L}.mlp", "output"),
-    },
-    "Gemma3ForCausalLM": {
-        "attn_out": ("model.layers.{L}.post_attention_layernorm", "output"),
-        "mlp_out": ("model.layers.{L}.post_feedforward_layernorm", "output"),
-    },
-}
 EXECUTION_ORDER = (
     "resid_pre",
     "q",
@@ -219,23 +233,6 @@ EXECUTION_ORDER = (
     "mlp_out",
     "resid_post",
 )
-
-
-def module_side(site: Site, architecture: str) -> tuple[str, str]:
-    """Module path and side (``input``, ``output`` or ``output0``) for a site in an HF model.
-
-    ``pattern`` is read from the attention module's second output (eager attention); ``resid_mid`` has no
-    module of its own and is derived by the backend as ``resid_pre + attn_out``.
-    """
-    if site.kind in ("attn_out", "mlp_out"):
-        try:
-            path, side = _LAYOUTS[architecture][site.kind]
-        except KeyError:
-            raise SiteError(f"no module layout for architecture {architecture!r}") from None
-        return path.format(L=site.layer), side
-    if site.kind == "pattern":
-        return f"model.layers.{site.layer}.self_attn", "output1"
-    return hf_module_path(site)
 
 
 def execution_key(site: Site) -> tuple[int, int]:

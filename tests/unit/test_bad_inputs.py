@@ -392,11 +392,13 @@ CASES = [
         r"'.*/empty' is not a model folder: expected a config\.json .*found \[\]",
     ),
     Case(
-        "load_model-family-declared-not-run",
-        lambda ctx: load_model(_family_folder(ctx, "gpt2")),
-        ModelLoadError,
-        r"GPT2LMHeadModel \(family 'gpt2'\) is declared in tunelens/families/ and checked against HF, but "
-        r"the analyses run on llama and gemma3_text models only so far",
+        "pair-of-two-families",
+        lambda ctx: ModelPair(
+            load_model(_family_folder(ctx, "gpt2")), load_model(_family_folder(ctx, "llama"))
+        ),
+        PairIncompatibleError,
+        r"architecture differs: base '.*family-gpt2' has GPT2LMHeadModel, tuned '.*family-llama' has "
+        r"LlamaForCausalLM; a pair needs two models of the same architecture and sizes",
     ),
     Case(
         "model-unknown-family",

@@ -50,6 +50,29 @@ class BridgeBackend:
         with torch.no_grad(), adapter_enabled(self._root, adapter):
             self._bridge(torch.zeros(1, 1, dtype=torch.long, device=self.device), return_type="logits")
         self._baseline_hooks = count_hooks(self._bridge)
+        self._check_follows(model)
+
+    def _check_follows(self, model: nn.Module) -> None:
+        """Refuse a model the bridge would run wrongly: it rebuilds GPT-2, GPT-NeoX and Phi-3 attention from
+        weight slices taken at boot, so a LoRA on their fused projections is silently ignored
+        (families.md §4). One short forward of the bridge against the HF model itself decides."""
+        vocab = self.dims.d_vocab
+        ids = (torch.arange(8, device=self.device)[None] * 7919 + 3) % vocab
+        with torch.no_grad(), adapter_enabled(self._root, self._adapter):
+            ours = self._bridge(ids, return_type="logits").float()
+        with torch.no_grad(), adapter_enabled(model, self._adapter):
+            want = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits
+        rel = 1e-3 if want.dtype == torch.float32 else 5e-2  # bf16/fp16 round at ~1e-2
+        want = want.float().to(ours.device)
+        err = float((ours - want).abs().max())
+        tol = rel * (float(want.abs().max()) + 1.0)
+        if not err <= tol:
+            raise BackendError(
+                f"TransformerBridge does not follow this {self.dims.architecture}: its logits differ from "
+                f"the model's own forward by {err:.3g} (the bridge ignores a LoRA on the fused "
+                "projections of GPT-2, GPT-NeoX and Phi-3); use backend='nnsight' "
+                "(the model's own modules)"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -19,6 +19,8 @@ from tunelens.backends.base import RunOutput, TokenBatch, Write, apply_writes
 from tunelens.backends.hooks import adapter_enabled, count_hooks
 from tunelens.dims import ModelDims
 from tunelens.errors import BackendError
+from tunelens.families import family_of_config
+from tunelens.families.base import _unwrap
 from tunelens.sites import Site, module_side
 
 _HEADED = ("z", "q", "k", "v")
@@ -35,7 +37,8 @@ class NNsightBackend:
         self.dims = dims
         self._adapter = adapter
         self._root = model
-        hf = model.base_model.model if hasattr(model, "peft_config") else model
+        hf = _unwrap(model)
+        self._family = family_of_config(getattr(hf.config, "text_config", None) or hf.config)
         self._lm = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
 
     @property
@@ -93,19 +96,25 @@ class NNsightBackend:
         return RunOutput(logits=out.get("logits") if logits else None, acts=acts)
 
     def _trace(self, batch, sites, reads, writes, acts, out, grad: bool) -> None:
-        arch = self.dims.architecture
         resid_pre: dict[int, Tensor] = {}
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         with self._lm.trace(inputs):
             for whole in sites:
-                path, side = module_side(whole, arch)
-                env = self._envoy(path)
+                if whole.kind == "logits":  # the model's output: after Gemma's final soft-cap (read only)
+                    record(acts, reads, whole, self._lm.output.logits)
+                    continue
+                where = module_side(whole, self._family, self.dims)
+                side, features = where.side, where.features
+                env = self._envoy(where.path)
                 if side == "input":
                     native = env.input
                 elif side == "output":
                     native = env.output
                 else:
                     native = env.output[int(side[-1])]
+                fused = native
+                if features is not None:  # a q/k/v block of a fused projection
+                    native = _block(fused, features)
                 canonical = self._to_canonical(whole, native)
                 if whole.kind == "attn_out":
                     pre = resid_pre.get(whole.layer)
@@ -117,10 +126,23 @@ class NNsightBackend:
                     resid_pre[whole.layer] = new
                 # with gradients, route the canonical tensor back in so reads are upstream of everything
                 changed = new is not canonical or grad
-                if changed and side == "input":
+                if changed and features is not None:
+                    full = fused.clone()
+                    full[..., features if isinstance(features, slice) else features.to(full.device)] = (
+                        self._to_native(whole, new).to(full.dtype)
+                    )
+                    env.output = full
+                elif changed and side == "input":
                     env.input = self._to_native(whole, new)
                 elif changed and side == "output":
                     env.output = self._to_native(whole, new)
                 elif changed and side == "output0":
                     env.output = (new, *tuple(env.output)[1:])
-            out["logits"] = self._lm.lm_head.output
+            out["logits"] = self._lm.output.logits
+
+
+def _block(out: Tensor, features: slice | Tensor) -> Tensor:
+    """Output features ``features`` of a fused projection (a view for a slice)."""
+    if isinstance(features, slice):
+        return out[..., features]
+    return out.index_select(-1, features.to(out.device))

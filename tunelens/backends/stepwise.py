@@ -71,7 +71,7 @@ from tunelens.backends.layerwise import _MASKS, layer_types
 from tunelens.dims import ModelDims
 from tunelens.errors import ShapeError
 from tunelens.families import family_of_config
-from tunelens.families.base import _get, _unwrap
+from tunelens.families.base import _get, _unwrap, as_slice
 
 Hook = Callable[[int, str, Tensor], Tensor | None]
 LAYER_KINDS = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -187,7 +187,7 @@ class Stepper:
         self.d_head = dims.d_head
         self._qkv: dict[str, list[tuple[str, slice | Tensor]]] = {}
         for kind, (path, index) in self.family.qkv_rows(dims).items():
-            self._qkv.setdefault(path, []).append((kind, _as_slice(index)))
+            self._qkv.setdefault(path, []).append((kind, as_slice(index)))
         self._configs = list({id(c): c for c in _configs(self.hf)}.values())
 
     # -- pieces --------------------------------------------------------------------------------------
@@ -400,14 +400,6 @@ def _handle(handle) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def _as_slice(index: Tensor) -> slice | Tensor:
-    """A contiguous run of feature indices as a slice (a view, no copy); anything else stays an index."""
-    first, n = int(index[0]), len(index)
-    if torch.equal(index, torch.arange(first, first + n)):
-        return slice(first, first + n)
-    return index
 
 
 def _configs(model: nn.Module) -> list[Any]:

@@ -112,6 +112,15 @@ class Family:
                 bias[index] = 0
 
 
+def as_slice(index: Tensor) -> slice | Tensor:
+    """A contiguous run of feature indices as a slice (indexing with it is a view, no copy); anything else
+    (GPT-NeoX's interleaved blocks) stays an index tensor."""
+    first, n = int(index[0]), len(index)
+    if torch.equal(index.cpu(), torch.arange(first, first + n)):
+        return slice(first, first + n)
+    return index
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The ``*ForCausalLM`` under a peft wrapper (peft keeps the module tree, with its layers wrapped)."""
     get = getattr(model, "get_base_model", None)

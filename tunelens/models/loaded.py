@@ -15,7 +15,7 @@ from torch import nn
 from tunelens.backends.base import Backend, TokenBatch
 from tunelens.backends.hooks import adapter_enabled
 from tunelens.dims import ModelDims
-from tunelens.errors import ConfigError, DeviceError, ModelLoadError
+from tunelens.errors import ConfigError, DeviceError
 from tunelens.families import family_of_config
 from tunelens.tasks.base import encode_prompts
 from tunelens.weights import content_hash
@@ -74,6 +74,7 @@ class LoadedModel:
         self.adapter = adapter
         self.name = name or source.location
         self.dims = runtime_dims(self.hf.config)
+        self.family = family_of_config(getattr(self.hf.config, "text_config", None) or self.hf.config)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
@@ -139,20 +140,9 @@ class LoadedModel:
         return self.tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True)
 
 
-RUNTIME_FAMILIES = ("llama", "gemma3_text")
-"""The declared families (:mod:`tunelens.families`) the activation analyses run on today."""
-
-
 def runtime_dims(config: Any) -> ModelDims:
-    """The sizes of a model tunelens can run, or a :class:`ModelLoadError` saying why not: a family it does
-    not know (naming the known ones and where to add one), or a declared family the analyses' runtime does
-    not cover yet."""
+    """The sizes of a model tunelens can run, or a :class:`ModelLoadError` naming the known families and
+    where to add one."""
     text = getattr(config, "text_config", None) or config  # Gemma-3's multimodal wrapper: its text model
-    family = family_of_config(text)
-    if family.name not in RUNTIME_FAMILIES:
-        raise ModelLoadError(
-            f"{family.architectures[0]} (family {family.name!r}) is declared in tunelens/families/ and "
-            f"checked against HF, but the analyses run on {' and '.join(RUNTIME_FAMILIES)} models only so "
-            "far; expected a Llama-style or Gemma-3 text model"
-        )
+    family_of_config(text)
     return ModelDims.from_hf_config(config)

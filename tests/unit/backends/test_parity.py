@@ -1,5 +1,7 @@
 """Both backends against the plain HF forward and against each other, on tiny models."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,20 +42,26 @@ def test_backends_read_identical_activations(arch_model):
 
 
 def test_residual_sites_are_consistent(arch_model):
-    """resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (independent of hook names)."""
+    """resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out (independent of hook names);
+    a parallel residual (GPT-NeoX) has no resid_mid, and resid_post = resid_pre + attn_out + mlp_out."""
     batch = arch_model.encode(ET_PROMPTS)
-    L = 1
-    names = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
+    fam, L = arch_model.family, 1
+    parallel = arch_model.dims.parallel_residual
+    names = ["resid_pre", "attn_out", "mlp_out", "resid_post"] + ([] if parallel else ["resid_mid"])
     acts = arch_model.backend("bridge").run(batch, reads=[Site(n, L) for n in names]).acts
     g = {n: acts[Site(n, L)] for n in names}
-    assert torch.allclose(g["resid_pre"] + g["attn_out"], g["resid_mid"], atol=1e-5)
-    assert torch.allclose(g["resid_mid"] + g["mlp_out"], g["resid_post"], atol=1e-5)
-    # z through o_proj (and, in Gemma-3, the post-attention norm) is attn_out
+    assert torch.allclose(g["resid_pre"] + g["attn_out"] + g["mlp_out"], g["resid_post"], atol=1e-5)
+    if not parallel:
+        assert torch.allclose(g["resid_pre"] + g["attn_out"], g["resid_mid"], atol=1e-5)
+    else:
+        with pytest.raises(SiteError, match="parallel residual"):
+            arch_model.backend("bridge").run(batch, reads=[Site("resid_mid", L)])
+    # z through the family's out-projection (and, in Gemma and OLMo-2, the norm after it) is attn_out
     z = arch_model.backend("bridge").run(batch, reads=[Site("z", L)]).acts[Site("z", L)]
-    layer = arch_model.hf.model.layers[L]
-    out = z.flatten(-2) @ layer.self_attn.o_proj.weight.T
-    if arch_model.dims.architecture == "Gemma3ForCausalLM":
-        out = layer.post_attention_layernorm(out)
+    with torch.no_grad():
+        out = fam.module(arch_model.hf, L, fam.out_proj)(z.flatten(-2))
+        if fam.attn_add != fam.attention:
+            out = fam.module(arch_model.hf, L, fam.attn_add)(out)
     assert torch.allclose(out, g["attn_out"], atol=1e-5)
 
 
@@ -62,15 +70,17 @@ def _writes(dims, last):
     u = torch.nn.functional.normalize(torch.randn(d, 1, generator=torch.Generator().manual_seed(0)), dim=0)
     return [
         replace(Site("resid_post", 0), torch.zeros(d), positions=last),
-        replace(Site("resid_mid", 1), torch.ones(d), positions=2),
-        add(Site("attn_out", 0), torch.full((d,), 0.5)),
+        replace(Site("resid_mid", 1), torch.linspace(-1, 1, d), positions=2),  # not constant: LayerNorm
+        add(Site("attn_out", 0), torch.linspace(0, 1, d)),  # not constant: LayerNorm drops a mean shift
         add(Site("z", 1, head=2), torch.ones(dims.d_head)),
         project(Site("resid_pre", 1), u, coords=torch.tensor([3.0]), positions=last),
         project(Site("resid_post", 1), u),  # ablation
-        edit(Site("v", 0), lambda a: 2 * a),
+        edit(
+            Site("v", 0), lambda a: a + 0.5
+        ),  # not 2 * a: a norm after attention (Gemma, OLMo-2) undoes a scale
         replace(Site("k", 1, head=dims.n_kv_heads - 1), torch.zeros(dims.d_head), positions=3),
         edit(Site("q", 1, head=0), lambda a: -a),
-        add(Site("mlp_out", 0), torch.full((d,), -0.25)),
+        add(Site("mlp_out", 0), torch.linspace(-0.5, 0, d)),
     ]
 
 
@@ -78,6 +88,10 @@ def _writes(dims, last):
 def test_every_write_agrees_across_backends_and_changes_the_output(arch_model, i):
     batch = arch_model.encode(ET_PROMPTS)
     w = _writes(arch_model.dims, batch.last)[i]
+    if w.site.kind == "resid_mid" and arch_model.dims.parallel_residual:
+        pytest.skip(
+            "a parallel residual has no resid_mid (test_residual_sites_are_consistent checks the refusal)"
+        )
     clean = arch_model.backend("bridge").run(batch).logits
     a = arch_model.backend("bridge").run(batch, writes=[w]).logits
     b = arch_model.backend("nnsight").run(batch, writes=[w]).logits
@@ -128,10 +142,11 @@ def test_gradients_reach_read_activations_and_write_values(tiny_model, kind):
 def test_gradients_agree_across_backends(arch_model):
     batch = arch_model.encode(ET_PROMPTS)
     grads = []
+    mid = Site("attn_out" if arch_model.dims.parallel_residual else "resid_mid", 1)
     for kind in BACKENDS:
-        out = arch_model.backend(kind).run(batch, reads=[Site("resid_mid", 1), Site("z", 1)], grad=True)
+        out = arch_model.backend(kind).run(batch, reads=[mid, Site("z", 1)], grad=True)
         m = out.logits[torch.arange(3), batch.last, 7].sum()
-        grads.append(torch.autograd.grad(m, [out.acts[Site("resid_mid", 1)], out.acts[Site("z", 1)]]))
+        grads.append(torch.autograd.grad(m, [out.acts[mid], out.acts[Site("z", 1)]]))
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -203,3 +218,43 @@ def test_reads_without_logits_stop_early_and_agree(arch_model):
     for s in sites:
         assert torch.equal(full.acts[s], early.acts[s])
     assert arch_model.backend("bridge").attached_hooks() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "olmo2", "gpt2", "gpt_neox", "phi3"])
+def test_a_lora_pair_of_every_family_is_followed_or_refused_never_wrong(family, tiny_tok, tmp_path):
+    """A LoRA on q/k/v (fused where the family fuses them), the out-projection and the MLP's output. The
+    bridge rebuilds GPT-2, GPT-NeoX and Phi-3 attention from weights sliced at boot and would ignore the
+    adapter: it must refuse; nnsight runs the peft modules and must give the peft model's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelens.families import FAMILIES
+    from tunelens.models.loaded import LoadedModel, ModelSource
+    from tunelens.models.loading import load_adapter_pair
+    from tunelens.models.tiny import TinyConfig, tiny_family
+
+    fam = FAMILIES[family]
+    module = tiny_family(family, TinyConfig(n_layers=2), len(tiny_tok.get_vocab()), seed=0)
+    base = LoadedModel(module, tiny_tok, source=ModelSource(kind="memory", location=family), name=family)
+    targets = sorted({p.split(".")[-1] for p in (*fam.qkv, fam.out_proj, fam.mlp_out_proj)})
+    peft_model = get_peft_model(
+        copy.deepcopy(module),
+        LoraConfig(r=2, target_modules=targets, fan_in_fan_out=fam.conv1d, init_lora_weights=False),
+    )
+    peft_model.save_pretrained(tmp_path)
+    pair = load_adapter_pair(base, tmp_path, mode="switch")
+    batch = base.encode(ET_PROMPTS)
+    with torch.no_grad():
+        want = pair.tuned.logits(batch)
+        plain = pair.base.logits(batch)
+    assert _masked_max(want, plain, batch.attention_mask) > 1e-2  # the adapter changes the answer
+    got = pair.tuned.backend("nnsight").run(batch).logits
+    assert _masked_max(got, want, batch.attention_mask) <= 1e-4 * (float(want.abs().max()) + 1)
+    if family in ("gpt2", "gpt_neox", "phi3"):
+        with pytest.raises(
+            BackendError, match=r"TransformerBridge does not follow this .*use backend='nnsight'"
+        ):
+            pair.tuned.backend("bridge")
+    else:
+        got = pair.tuned.backend("bridge").run(batch).logits
+        assert _masked_max(got, want, batch.attention_mask) <= 1e-4 * (float(want.abs().max()) + 1)
+    assert _masked_max(pair.base.backend("bridge").run(batch).logits, plain, batch.attention_mask) <= 1e-4

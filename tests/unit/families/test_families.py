@@ -205,17 +205,15 @@ def test_an_unknown_family_is_refused_naming_the_known_ones():
         family_of_config(config)
 
 
-def test_loading_a_declared_family_the_runtime_does_not_cover_says_so():
-    from tunelens.models.loaded import RUNTIME_FAMILIES, LoadedModel, ModelSource
+def test_every_declared_family_loads_as_a_model_tunelens_runs():
+    from tunelens.models.loaded import LoadedModel, ModelSource
     from tunelens.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     src = ModelSource(kind="memory", location="tiny")
     for name in NAMES:
         module = tiny_family(name, CFG, vocab_size=len(tok.get_vocab()), seed=7)
-        if name in RUNTIME_FAMILIES:
-            assert LoadedModel(module, tok, source=src).dims.n_layers == CFG.n_layers
-        else:
-            want = rf"\(family '{name}'\) is declared in tunelens/families/.*run on llama and gemma3_text"
-            with pytest.raises(ModelLoadError, match=want):
-                LoadedModel(module, tok, source=src)
+        loaded = LoadedModel(module, tok, source=src)
+        assert loaded.family is FAMILIES[name]
+        assert loaded.dims.n_layers == CFG.n_layers
+        assert loaded.dims.parallel_residual == (name == "gpt_neox")
