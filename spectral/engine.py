@@ -54,12 +54,20 @@ class PassOutput:
 
 
 def select_names(
-    n_layers: int, kinds: Sequence[str] = MATRIX_KINDS, layers: Sequence[int] | None = None
+    n_layers: int,
+    kinds: Sequence[str] = MATRIX_KINDS,
+    layers: Sequence[int] | None = None,
+    *,
+    available: Sequence[str] = MATRIX_KINDS,
 ) -> list[MatrixName]:
-    """Matrix names for the chosen kinds and layers (all layers by default), kind-major per layer."""
+    """Matrix names for the chosen kinds and layers (all layers by default), kind-major per layer. Kinds the
+    model does not have (``available``: a plain MLP has no ``gate``) are left out; none left is an error."""
     for kind in kinds:
         if kind not in MATRIX_KINDS:
             raise ConfigError(f"unknown matrix kind {kind!r}; expected some of {', '.join(MATRIX_KINDS)}")
+    kinds = [k for k in kinds if k in available]
+    if not kinds:
+        raise ConfigError(f"none of the chosen matrix kinds is in this model; it has {', '.join(available)}")
     chosen = range(n_layers) if layers is None else layers
     for layer in chosen:
         if not 0 <= layer < n_layers:

@@ -174,6 +174,24 @@ def _params(model: LoadedModel) -> dict[str, Tensor]:
     return params
 
 
+def _check_graftable(model: LoadedModel) -> None:
+    """Grafting masks parameters and maps each to its matrix by its Llama-style name (``q_proj`` ...
+    ``down_proj``, one matrix per parameter); a family storing several matrices in one parameter (GPT-2,
+    GPT-NeoX, Phi-3) or naming them otherwise is refused rather than grafted without those matrices."""
+    fam, dims = model.family, model.dims
+    other = [
+        k
+        for k in fam.matrix_kinds
+        if (spot := fam.matrix(k, dims))[1] is not None or not spot[0].endswith(f".{k}_proj")
+    ]
+    if other or fam.conv1d:
+        raise ConfigError(
+            f"grafting maps parameters to matrices by Llama-style names, one matrix per parameter; "
+            f"{fam.name} stores {', '.join(other)} otherwise (fused or differently named projections). "
+            "Grafting runs on llama, mistral, qwen2, qwen3, gemma2, gemma3_text and olmo2 models so far"
+        )
+
+
 def graft_space(
     base: LoadedModel,
     tuned: LoadedModel,
@@ -182,6 +200,7 @@ def graft_space(
     layers: Sequence[int] | None = None,
 ) -> GraftSpace:
     """The graft set of a pair; :class:`PairIncompatibleError` if parameter names or shapes differ."""
+    _check_graftable(base)
     pb, pt = _params(base), _params(tuned)
     if set(pb) != set(pt):
         only_b, only_t = sorted(set(pb) - set(pt)), sorted(set(pt) - set(pb))

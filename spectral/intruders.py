@@ -343,7 +343,7 @@ def intruder_family(
     ``keep_vectors`` it also returns the engine output holding the top tuned vectors (for the λ test).
     """
     config = config or IntruderConfig()
-    names = select_names(base.dims.n_layers, config.kinds, config.layers)
+    names = select_names(base.dims.n_layers, config.kinds, config.layers, available=base.family.matrix_kinds)
     k_max = _k_max(config, names, base)
     out = run_pass(
         base,

@@ -150,7 +150,7 @@ def spectra(
 ) -> SpectrumResult:
     """Spectra of the base matrices and of each variant's update (see the module doc)."""
     config = config or SpectrumConfig()
-    names = select_names(base.dims.n_layers, config.kinds, config.layers)
+    names = select_names(base.dims.n_layers, config.kinds, config.layers, available=base.family.matrix_kinds)
     out = run_pass(base, variants, names, k_max=0, spectrum=True, progress=progress)
     v_names = tuple(variants)
     return SpectrumResult(

@@ -1,9 +1,12 @@
 """Canonical access to every linear weight matrix of a causal LM, and to its LoRA factors.
 
-A :class:`MatrixName` (``layer``, ``kind``) names one of the seven linear maps of a decoder block. The
-functions here read, compare and overwrite those matrices on a plain HF model (``LlamaForCausalLM``,
-``Gemma3ForCausalLM``) or a peft-wrapped one, without any backend. Matrices are in HF orientation
-(``d_out × d_in``), in the dimension vocabulary of the project:
+A :class:`MatrixName` (``layer``, ``kind``) names one of the linear maps of a decoder block. The functions
+here read, compare and overwrite those matrices on a plain HF model of any declared family
+(:mod:`tunelens.families`) or a peft-wrapped one, without any backend. A fused projection is split into its
+matrices (GPT-2's ``c_attn``, GPT-NeoX's interleaved ``query_key_value`` and Phi-3's ``qkv_proj`` into q, k
+and v; Phi-3's ``gate_up_proj`` into gate and up), and GPT-2's Conv1D weights are transposed, so every
+family's matrices have the same names and orientation (``d_out × d_in``, the dimension vocabulary of the
+project). A plain MLP (GPT-2, GPT-NeoX) has no ``gate``:
 
 ====  ==========================  ====  ==========================
 kind  shape                       kind  shape
@@ -40,9 +43,11 @@ from torch import Tensor, nn
 
 from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError, ModelLoadError, PairIncompatibleError, ShapeError
+from tunelens.families import BY_ARCHITECTURE, Family, family_of_config
+from tunelens.families.base import MATRIX_KINDS, _unwrap
 
 MatrixKind = Literal["q", "k", "v", "o", "gate", "up", "down"]
-MATRIX_KINDS: tuple[str, ...] = get_args(MatrixKind)
+assert get_args(MatrixKind) == MATRIX_KINDS
 _BLOCK = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn"} | dict.fromkeys(
     ("gate", "up", "down"), "mlp"
 )
@@ -96,8 +101,14 @@ class LoraFactors:
 
 def matrix_names(model_or_dims: nn.Module | ModelDims) -> list[MatrixName]:
     """Every matrix of the model, layer-major: ``[L0.q, L0.k, ..., L0.down, L1.q, ...]``."""
-    n_layers = model_or_dims.n_layers if isinstance(model_or_dims, ModelDims) else len(_layers(model_or_dims))
-    return [MatrixName(layer, kind) for layer in range(n_layers) for kind in MATRIX_KINDS]  # type: ignore[arg-type]
+    if isinstance(model_or_dims, ModelDims):
+        n_layers = model_or_dims.n_layers
+        family = BY_ARCHITECTURE.get(model_or_dims.architecture)
+    else:
+        family = _family(model_or_dims)
+        n_layers = len(family.layer_modules(model_or_dims))
+    kinds = family.matrix_kinds if family is not None else MATRIX_KINDS
+    return [MatrixName(layer, kind) for layer in range(n_layers) for kind in kinds]  # type: ignore[arg-type]
 
 
 def hf_param_name(name: MatrixName) -> str:
@@ -122,19 +133,19 @@ def read_matrix(model: nn.Module, name: MatrixName, *, adapter: bool = True) -> 
     With ``adapter=True`` it is the effective weight the forward pass uses (active LoRA adapters added,
     none if adapters are disabled); with ``adapter=False`` it is the base weight ``W0``.
     """
-    module = _module(model, name)
-    stored = _stored_weight(module).detach().to(torch.float32, copy=True)
-    if not _is_lora(module):
-        return stored
-    merged = set(module.merged_adapters)  # merged adapters are already inside the stored weight
-    if not adapter or module.disable_adapters:
-        for a in merged:
-            stored -= _delta(module, a)
-        return stored
-    for a in module.active_adapters:
-        if a in module.lora_A and a not in merged:
-            stored += _delta(module, a)
-    return stored
+    spot = _spot(model, name)
+    module = spot.module
+    stored = spot.oriented(_stored_weight(module).detach()).to(torch.float32, copy=True)
+    if _is_lora(module):
+        merged = set(module.merged_adapters)  # merged adapters are already inside the stored weight
+        if not adapter or module.disable_adapters:
+            for a in merged:
+                stored -= _delta(module, a)
+        else:
+            for a in module.active_adapters:
+                if a in module.lora_A and a not in merged:
+                    stored += _delta(module, a)
+    return spot.block(stored)
 
 
 def lora_factors(
@@ -142,7 +153,8 @@ def lora_factors(
 ) -> LoraFactors | None:
     """The LoRA factors of ``name`` for ``adapter_name`` (default: the active adapter, usually
     ``"default"``), as float32 copies; None where the matrix has no such adapter."""
-    module = _module(model, name)
+    spot = _spot(model, name)
+    module = spot.module
     if not _is_lora(module):
         return None
     if adapter_name is None:
@@ -152,7 +164,10 @@ def lora_factors(
         raise ConfigError(f"unknown adapter {adapter_name!r}; the model has {', '.join(sorted(known))}")
     if adapter_name not in module.lora_A:
         return None
-    return _factors(module, adapter_name)
+    factors = _factors(module, adapter_name)
+    if spot.rows is None:
+        return factors
+    return LoraFactors(A=factors.A, B=spot.block(factors.B), scaling=factors.scaling, rank=factors.rank)
 
 
 def read_all(
@@ -176,10 +191,9 @@ def weight_delta(base_model: nn.Module, tuned_model: nn.Module, name: MatrixName
 
 def replace_matrix(model: nn.Module, name: MatrixName, value: Tensor) -> None:
     """Overwrite the stored weight of ``name`` in place (``W0`` under peft; adapters still add on top)."""
-    weight = _stored_weight(_module(model, name))
-    _check_value(str(name), weight, value)
-    with torch.no_grad():
-        weight.copy_(value)
+    spot = _spot(model, name)
+    _check_value(str(name), spot.stored_block(), value)
+    spot.write(value)
 
 
 @contextmanager
@@ -196,19 +210,17 @@ def swapped_matrices(model: nn.Module, values: Mapping[MatrixName, Tensor]) -> I
         >>> bool(read_matrix(model.module, MatrixName(0, "o")).abs().sum() > 0)  # the originals are back
         True
     """
-    weights = {name: _stored_weight(_module(model, name)) for name in values}
+    spots = {name: _spot(model, name) for name in values}
     for name, value in values.items():
-        _check_value(str(name), weights[name], value)
-    originals = {name: w.detach().clone() for name, w in weights.items()}
+        _check_value(str(name), spots[name].stored_block(), value)
+    originals = {name: spot.stored_block().detach().clone() for name, spot in spots.items()}
     try:
-        with torch.no_grad():
-            for name, value in values.items():
-                weights[name].copy_(value)
+        for name, value in values.items():
+            spots[name].write(value)
         yield model
     finally:
-        with torch.no_grad():
-            for name, original in originals.items():
-                weights[name].copy_(original)
+        for name, original in originals.items():
+            spots[name].write(original)
 
 
 @contextmanager
@@ -291,24 +303,58 @@ def content_hash(model: nn.Module, *, adapters: bool = True) -> str:
 # ----------------------------------------------------------------------------------------------- internals
 
 
+def _family(model: nn.Module) -> Family:
+    config = _unwrap(model).config
+    return family_of_config(getattr(config, "text_config", None) or config)
+
+
 def _layers(model: nn.Module) -> nn.ModuleList:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, "model", inner)
-    body = getattr(body, "language_model", body)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    try:
+        layers = _family(model).layer_modules(model)
+    except (ConfigError, ModelLoadError, AttributeError) as exc:
         raise ModelLoadError(
-            f"cannot find decoder layers in {type(model).__name__}; expected an HF causal LM with "
-            "model.model.layers (LlamaForCausalLM, Gemma3ForCausalLM) or a peft model wrapping one"
-        )
+            f"cannot find decoder layers in {type(model).__name__}: {exc}; expected an HF causal LM of a "
+            "declared family (tunelens/families/) or a peft model wrapping one"
+        ) from None
     return layers
 
 
-def _module(model: nn.Module, name: MatrixName) -> nn.Module:
+@dataclass(frozen=True)
+class _Spot:
+    """Where one matrix is stored: its module, the output features it occupies in a fused projection
+    (``None``: all of them), and whether the module stores ``(in, out)`` (GPT-2's Conv1D)."""
+
+    module: nn.Module
+    rows: Tensor | None
+    conv1d: bool
+
+    def oriented(self, weight: Tensor) -> Tensor:
+        """A stored weight (or a view of it) as ``d_out × d_in``."""
+        return weight.T if self.conv1d else weight
+
+    def block(self, matrix: Tensor) -> Tensor:
+        """This matrix's rows of a ``d_out × d_in`` (or ``d_out × r``) tensor of the whole projection."""
+        return matrix if self.rows is None else matrix[self.rows.to(matrix.device)]
+
+    def stored_block(self) -> Tensor:
+        return self.block(self.oriented(_stored_weight(self.module)))
+
+    def write(self, value: Tensor) -> None:
+        weight = self.oriented(_stored_weight(self.module))  # a view: writes reach the parameter
+        with torch.no_grad():
+            if self.rows is None:
+                weight.copy_(value)
+            else:
+                weight[self.rows.to(weight.device)] = value.to(weight.dtype)
+
+
+def _spot(model: nn.Module, name: MatrixName) -> _Spot:
+    family = _family(model)
     layers = _layers(model)
     if name.layer >= len(layers):
         raise ConfigError(f"matrix {name}: layer {name.layer} is out of range 0..{len(layers) - 1}")
-    return getattr(getattr(layers[name.layer], _BLOCK[name.kind]), f"{name.kind}_proj")
+    path, rows = family.matrix(name.kind, ModelDims.from_hf_config(_unwrap(model).config))
+    return _Spot(family.module(model, name.layer, path), rows, family.conv1d)
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -316,9 +362,11 @@ def _is_lora(module: nn.Module) -> bool:
 
 
 def _stored_weight(module: nn.Module) -> nn.Parameter:
+    from transformers.pytorch_utils import Conv1D
+
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if not isinstance(base, nn.Linear):
-        raise ModelLoadError(f"expected an nn.Linear, found {type(base).__name__}")
+    if not isinstance(base, nn.Linear | Conv1D):
+        raise ModelLoadError(f"expected an nn.Linear (or GPT-2's Conv1D), found {type(base).__name__}")
     return base.weight
 
 

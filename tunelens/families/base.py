@@ -18,6 +18,7 @@ from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError
 
 QKV = Literal["q", "k", "v"]
+MATRIX_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,8 @@ class Family:
     mlp_add: str
     qkv_split: Literal["concat", "interleaved"] = "concat"
     conv1d: bool = False
+    gate: str | None = "mlp.gate_proj"  # None: a plain MLP (GPT-2, GPT-NeoX)
+    up: str = "mlp.up_proj"  # the same path as ``gate``: one fused ``[gate | up]`` projection (Phi-3)
 
     def __post_init__(self) -> None:
         if len(self.qkv) not in (1, 3):
@@ -55,6 +58,30 @@ class Family:
     @property
     def fused_qkv(self) -> bool:
         return len(self.qkv) == 1
+
+    @property
+    def matrix_kinds(self) -> tuple[str, ...]:
+        """The linear maps of a decoder layer, in :data:`MATRIX_KINDS` order (no ``gate`` in a plain MLP)."""
+        return tuple(k for k in MATRIX_KINDS if k != "gate" or self.gate is not None)
+
+    def matrix(self, kind: str, dims: ModelDims) -> tuple[str, Tensor | None]:
+        """Where matrix ``kind`` lives: the projection (path relative to a layer) and, when it is a block of a
+        fused projection, the indices of its output features (``None``: the whole projection)."""
+        if kind not in self.matrix_kinds:
+            raise ConfigError(
+                f"family {self.name} has no {kind!r} matrix; its matrices are {', '.join(self.matrix_kinds)}"
+            )
+        if kind in ("q", "k", "v"):
+            path, rows = self.qkv_rows(dims)[kind]  # type: ignore[index]
+            return path, (rows if self.fused_qkv else None)
+        if kind == "o":
+            return self.out_proj, None
+        if kind == "down":
+            return self.mlp_out_proj, None
+        if self.gate == self.up:  # fused [gate | up]
+            first = 0 if kind == "gate" else dims.d_mlp
+            return self.up, torch.arange(first, first + dims.d_mlp)
+        return (self.gate if kind == "gate" else self.up), None  # type: ignore[return-value]
 
     # -- modules ---------------------------------------------------------------------------------------
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:

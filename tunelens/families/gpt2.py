@@ -16,5 +16,7 @@ FAMILY = Family(
     mlp_out_proj="mlp.c_proj",
     attn_add="attn",
     mlp_add="mlp",
+    gate=None,
+    up="mlp.c_fc",
     conv1d=True,
 )

@@ -17,4 +17,6 @@ FAMILY = Family(
     mlp_out_proj="mlp.dense_4h_to_h",
     attn_add="attention",
     mlp_add="mlp",
+    gate=None,
+    up="mlp.dense_h_to_4h",
 )
