@@ -1,5 +1,8 @@
-"""Self-checks of a model pair: backends agree with the plain HF forward, self-patching is a no-op,
-no hook survives a call. ``tunelens check`` prints them; the tests assert them."""
+"""Self-checks of a model pair, on any declared family: both backends and the layer-by-layer engine agree
+with the plain HF forward, self-patching is a no-op, no hook survives a call, and a cross-model patch of one
+head (CMAP's unit) gives the same logits through the engine and through nnsight. A backend that refuses a
+model (the bridge on a LoRA over fused projections) is reported as refused, not run. ``tunelens check``
+prints them; the tests assert them."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from tunelens.backends.base import replace
+from tunelens.backends.stepwise import Stepper
+from tunelens.errors import BackendError
 from tunelens.models.loaded import BACKENDS, LoadedModel
 from tunelens.models.pair import ModelPair
 from tunelens.sites import Site
@@ -51,8 +56,29 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
     mask = batch.attention_mask.bool().to(reference.device)
     sites = check_sites(model)
     results, acts = [], {}
+    rows = torch.arange(batch.input_ids.shape[0])
+    with model.active() as module:
+        run = Stepper(module).trace(batch.input_ids.to(model.device), batch.last)
+    diff = (run.logits - reference[rows, batch.last.to(reference.device)]).abs().max().item()
+    results.append(
+        CheckResult(
+            name=f"{model.name}: engine logits vs HF",
+            passed=diff <= TOLERANCE,
+            value=diff,
+            threshold=TOLERANCE,
+            detail=f"({model.family.name}, each prompt's last token)",
+        )
+    )
     for kind in BACKENDS:
-        backend = model.backend(kind)  # type: ignore[arg-type]
+        try:
+            backend = model.backend(kind)  # type: ignore[arg-type]
+        except BackendError as exc:
+            results.append(
+                CheckResult(
+                    name=f"{model.name}: {kind} refused", passed=True, value=0, threshold=0, detail=str(exc)
+                )
+            )
+            continue
         out = backend.run(batch, reads=sites)
         diff = (out.logits - reference)[mask].abs().max().item()
         results.append(
@@ -82,6 +108,8 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
                 name=f"{model.name}: {kind} leaves no hook", passed=left == 0, value=left, threshold=0
             )
         )
+    if len(acts) < 2:
+        return results
     worst, where = 0.0, ""
     for s in sites:
         a, b = acts["bridge"][s], acts["nnsight"][s]
@@ -105,4 +133,37 @@ def check_pair(pair: ModelPair, prompts: Sequence[str] = DEFAULT_PROMPTS) -> lis
     results = [CheckResult(name="pair is compatible (sizes, tokenizer)", passed=True, value=0, threshold=0)]
     for _, model in pair:
         results += check_model(model, prompts)
+    results.append(check_cross_patch(pair, prompts))
     return results
+
+
+@torch.no_grad()
+def check_cross_patch(pair: ModelPair, prompts: Sequence[str] = DEFAULT_PROMPTS) -> CheckResult:
+    """CMAP's unit, two ways: the tuned model's z of one head (middle layer, head 0) at each prompt's last
+    token written into the base model's run, by the engine's hook and by an nnsight write."""
+    base, tuned = pair.base, pair.tuned
+    batch = base.encode(prompts)
+    layer, head = base.dims.n_layers // 2, 0
+    rows, last = torch.arange(batch.input_ids.shape[0]), batch.last
+    site = Site("z", layer)
+    z = tuned.backend("nnsight").run(batch, reads=[site], logits=False).acts[site][rows, last, head]
+
+    def put(lay, kind, t):
+        if (lay, kind) != (layer, "z"):
+            return None
+        t = t.clone()
+        t[rows, last.to(t.device), head] = z.to(t.device, t.dtype)
+        return t
+
+    with base.active() as module:
+        engine = Stepper(module).trace(batch.input_ids.to(base.device), last, hook=put).logits
+    write = replace(Site("z", layer, head), z, positions=last)
+    via = base.backend("nnsight").run(batch, writes=[write]).logits[rows, last.to(engine.device)]
+    diff = (engine - via).abs().max().item()
+    return CheckResult(
+        name="cross-model patch of one head: engine vs nnsight",
+        passed=diff <= TOLERANCE,
+        value=diff,
+        threshold=TOLERANCE,
+        detail=f"(tuned z of L{layer}.H{head} into base, last tokens)",
+    )

@@ -119,27 +119,9 @@ class AtlasConfig:
 
 
 # -- the weights in residual space ---------------------------------------------------------------------
-def _gain(norm: torch.nn.Module | None, d: int, gemma: bool) -> Tensor:
-    """The diagonal gain of an RMSNorm (Gemma's norms, ``gemma``, scale by ``1 + weight``)."""
-    if norm is None:
-        return torch.ones(d)
-    w = norm.weight.detach().float().cpu()
-    return w + 1.0 if gemma else w
-
-
-def _norm_for(block: torch.nn.Module, kind: str, side: Side, architecture: str) -> torch.nn.Module | None:
-    gemma = architecture.startswith("Gemma")
-    if side == "write":
-        if not gemma:
-            return None
-        return block.post_attention_layernorm if kind == "o" else block.post_feedforward_layernorm
-    if kind in ("q", "k", "v"):
-        return block.input_layernorm
-    return block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm
-
-
 def residual_matrix(model: Any, layer: int, kind: str) -> Float[Tensor, "d_out d_in"]:
-    """The matrix ``kind`` of ``layer`` with the RMSNorm gain on its residual side folded in.
+    """The matrix ``kind`` of ``layer`` with the norm's gain on its residual side folded in (the family's
+    declaration says which norm: :meth:`tunelens.families.Family.norm_gain`).
 
     ``model`` is a :class:`~tunelens.models.loaded.LoadedModel` (its adapter state is respected). Write
     side (o, down): ``G · W``, whose column space is where the matrix writes in the residual stream.
@@ -151,13 +133,11 @@ def residual_matrix(model: Any, layer: int, kind: str) -> Float[Tensor, "d_out d
     if not 0 <= layer < model.dims.n_layers:
         raise ConfigError(f"layer {layer} is outside the model's {model.dims.n_layers} layers")
     w = read_matrix(model.module, MatrixName(layer, kind), adapter=model.adapter is not False)  # type: ignore[arg-type]
-    block = model.hf.model.layers[layer]
-    architecture = model.dims.architecture
-    norm = _norm_for(block, kind, comp.side, architecture)
-    gemma = architecture.startswith("Gemma")
-    if comp.side == "write":
-        return _gain(norm, w.shape[0], gemma)[:, None] * w
-    return w * _gain(norm, w.shape[1], gemma)[None, :]
+    gain = model.family.norm_gain(model.module, layer, kind)  # the family's norm on the residual side
+    if gain is None:
+        return w
+    gain = gain.cpu()
+    return gain[:, None] * w if comp.side == "write" else w * gain[None, :]
 
 
 def _n_computed(k: int, n: int) -> int:
@@ -610,8 +590,9 @@ def _geometry(pair: Any, cfg: AtlasConfig, dirs: list[Direction], hashes: dict[s
     """Rows of cosines and singular values, and the directions no matrix of the layer meets."""
     role_of = {h: r for r, h in hashes.items()}
     geometry, spectra, skipped, used = [], [], [], set()
+    have = pair.base.family.matrix_kinds  # a plain MLP (GPT-2, GPT-NeoX) has no gate
     for comp in COMPARISONS:
-        if comp.kind not in cfg.kinds:
+        if comp.kind not in cfg.kinds or comp.kind not in have:
             continue
         here = [d for d in dirs if _matches(comp, d.site, cfg.layer)]
         mats = {r: residual_matrix(m, cfg.layer, comp.kind) for r, m in pair}

@@ -48,6 +48,9 @@ class Family:
     mlp_add: str
     qkv_split: Literal["concat", "interleaved"] = "concat"
     conv1d: bool = False
+    attn_norm: str | None = "input_layernorm"  # the norm the attention reads through (None: none, OLMo-2)
+    mlp_norm: str | None = "post_attention_layernorm"  # the norm the MLP reads through
+    norm_offset: float = 0.0  # Gemma's RMSNorms scale by (offset + weight), offset 1
     gate: str | None = "mlp.gate_proj"  # None: a plain MLP (GPT-2, GPT-NeoX)
     up: str = "mlp.up_proj"  # the same path as ``gate``: one fused ``[gate | up]`` projection (Phi-3)
 
@@ -91,6 +94,24 @@ class Family:
     def module(self, model: nn.Module, layer: int, path: str) -> nn.Module:
         """The module at ``path`` (relative to a decoder layer) of layer ``layer``."""
         return _get(self.layer_modules(model)[layer], path)
+
+    def norm_gain(self, model: nn.Module, layer: int, kind: str) -> Tensor | None:
+        """The diagonal gain on the residual side of matrix ``kind``: the norm the matrix reads through
+        (q/k/v: ``attn_norm``; gate/up: ``mlp_norm``) or the norm after it (o: ``attn_add``; down:
+        ``mlp_add``; where that is a norm); ``None`` where there is no such norm. A LayerNorm (GPT-2,
+        GPT-NeoX) also centres and adds a bias; only its diagonal gain is returned."""
+        if kind in ("q", "k", "v"):
+            path = self.attn_norm
+        elif kind in ("gate", "up"):
+            path = self.mlp_norm
+        elif kind == "o":
+            path = None if self.attn_add == self.attention else self.attn_add
+        else:
+            path = None if self.mlp_add == self.mlp else self.mlp_add
+        if path is None:
+            return None
+        weight = getattr(self.module(model, layer, path), "weight", None)
+        return None if weight is None else weight.detach().float() + self.norm_offset
 
     def parallel_residual(self, config: Any) -> bool:
         """Attention and MLP both read the layer's input (GPT-NeoX's default): there is no ``resid_mid``."""

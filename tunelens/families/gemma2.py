@@ -11,4 +11,6 @@ FAMILY = replace(
     architectures=("Gemma2ForCausalLM",),
     attn_add="post_attention_layernorm",
     mlp_add="post_feedforward_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    norm_offset=1.0,
 )

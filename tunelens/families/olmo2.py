@@ -10,4 +10,6 @@ FAMILY = replace(
     architectures=("Olmo2ForCausalLM",),
     attn_add="post_attention_layernorm",
     mlp_add="post_feedforward_layernorm",
+    attn_norm=None,
+    mlp_norm=None,
 )

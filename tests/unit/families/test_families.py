@@ -217,3 +217,44 @@ def test_every_declared_family_loads_as_a_model_tunelens_runs():
         assert loaded.family is FAMILIES[name]
         assert loaded.dims.n_layers == CFG.n_layers
         assert loaded.dims.parallel_residual == (name == "gpt_neox")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_declared_norms_are_what_attention_and_mlp_read_through(name):
+    """The q/k/v projection's input is ``attn_norm``'s output (the layer input itself where the family has no
+    pre-norm: OLMo-2), the MLP's input is ``mlp_norm``'s output; the atlas folds these norms' gains in."""
+    fam = FAMILIES[name]
+    model = tiny_family(name, CFG, seed=8)
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(key, index=0):
+        return lambda m, args, *rest: got.__setitem__(
+            key, (args[index] if args else rest[0]["hidden_states"])
+        )
+
+    layer = fam.layer_modules(model)[1]
+    hooks = [
+        layer.register_forward_pre_hook(keep("in"), with_kwargs=True),
+        fam.module(model, 1, fam.qkv[0]).register_forward_pre_hook(keep("qkv_in")),
+        fam.module(model, 1, fam.mlp).register_forward_pre_hook(keep("mlp_in")),
+    ]
+    for key, path in (("attn_norm", fam.attn_norm), ("mlp_norm", fam.mlp_norm)):
+        if path is not None:
+            hooks.append(
+                fam.module(model, 1, path).register_forward_hook(
+                    lambda m, a, out, key=key: got.__setitem__(key, out)
+                )
+            )
+    try:
+        with torch.no_grad():
+            model(input_ids=_batch("right")[0], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(got["qkv_in"], got["attn_norm"] if fam.attn_norm else got["in"])
+    if fam.mlp_norm is not None:
+        assert torch.equal(got["mlp_in"], got["mlp_norm"])
+    else:  # OLMo-2: the MLP reads the residual after attention directly
+        assert (name, fam.attn_norm) == ("olmo2", None)
+    gain = fam.norm_gain(model, 1, "q")
+    assert (gain is None) == (fam.attn_norm is None)
