@@ -47,7 +47,7 @@ def lens(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_voc
     """The logit lens: the final norm and unembedding of ``model`` applied to residuals."""
     hf = model.hf
     with torch.no_grad() if not resid.requires_grad else torch.enable_grad():
-        out = hf.get_output_embeddings()(hf.model.norm(resid.to(model.device)))
+        out = hf.get_output_embeddings()(model.family.final_norm_module(hf)(resid.to(model.device)))
     cap = getattr(getattr(hf.config, "text_config", hf.config), "final_logit_softcapping", None)
     if cap:
         out = torch.tanh(out / cap) * cap

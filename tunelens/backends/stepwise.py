@@ -176,7 +176,7 @@ class Stepper:
         self.n_layers = len(self.layers)
         self.kinds = layer_types(self.config, self.n_layers)
         self.parallel = self.family.parallel_residual(self.config)
-        self.final_norm = _get(self.hf, self.family.final_norm)
+        self.final_norm = self.family.final_norm_module(self.hf)
         self._rope = getattr(self.hf.base_model, "rotary_emb", None)
         self._rope_per_kind = (
             self._rope is not None and "layer_type" in inspect.signature(self._rope.forward).parameters

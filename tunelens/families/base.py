@@ -91,6 +91,10 @@ class Family:
         """The decoder layers of ``model`` (a ``*ForCausalLM``, or a peft model wrapping one)."""
         return _get(_unwrap(model), self.layers)
 
+    def final_norm_module(self, model: nn.Module) -> nn.Module:
+        """The norm after the last layer (before the unembedding)."""
+        return _get(_unwrap(model), self.final_norm)
+
     def module(self, model: nn.Module, layer: int, path: str) -> nn.Module:
         """The module at ``path`` (relative to a decoder layer) of layer ``layer``."""
         return _get(self.layer_modules(model)[layer], path)
