@@ -86,6 +86,7 @@ class LastLogits:
     has_foil: bool
     n_candidates: int
     candidate_valid: Tensor | None  # batch k (False where the candidate was padding)
+    candidate_is_answer: Tensor | None = None  # batch k: the candidate *is* the answer token
 
     @classmethod
     def from_logits(cls, logits: Float[Tensor, "... batch d_vocab"], answers: Answers) -> LastLogits:
@@ -98,6 +99,9 @@ class LastLogits:
             has_foil=answers.foil is not None,
             n_candidates=0 if answers.candidates is None else answers.candidates.shape[1],
             candidate_valid=None if answers.candidates is None else answers.candidates >= 0,
+            candidate_is_answer=None
+            if answers.candidates is None
+            else answers.candidates == answers.answer[:, None],
         )
 
     @classmethod
@@ -110,6 +114,7 @@ class LastLogits:
             has_foil=first.has_foil,
             n_candidates=first.n_candidates,
             candidate_valid=first.candidate_valid,
+            candidate_is_answer=first.candidate_is_answer,
         )
 
     def index(self, i: int | slice) -> LastLogits:
@@ -124,12 +129,13 @@ class LastLogits:
 
 
 def logit_diff(last: LastLogits) -> Tensor:
-    """``logit(answer) − logit(foil)``; without a foil, minus the best *other* candidate."""
+    """``logit(answer) − logit(foil)``; without a foil, minus the best *other* candidate (other by token, not
+    by value: in bfloat16 another candidate often ties with the answer, and then the difference is 0)."""
     answer = last.selected[..., 0]
     if last.has_foil:
         return answer - last.selected[..., 1]
     cand = last._candidates()
-    others = cand.masked_fill(cand == answer[..., None], float("-inf")).amax(dim=-1)
+    others = cand.masked_fill(last.candidate_is_answer.to(cand.device), float("-inf")).amax(dim=-1)
     return answer - others
 
 

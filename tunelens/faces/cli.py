@@ -39,7 +39,9 @@ def _say(msg: str) -> None:
 def _pair(args):
     from tunelens.models.resolve import load_pair
 
-    return load_pair(args.pair, args.tuned, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_pair(
+        args.pair, args.tuned, device=args.device, trust_remote_code=args.trust_remote_code, dtype=args.dtype
+    )
 
 
 def cmd_zoo_list(args) -> int:
@@ -202,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelens", description="What did fine-tuning change inside this model?")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the models' weights and activations (default float32; bfloat16 halves memory)",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",

@@ -40,6 +40,22 @@ class ModelSource:
         return text
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a name (``float32``, ``bfloat16``, ``float16``), or :class:`ConfigError`."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The torch device, or :class:`DeviceError` if this machine does not have it."""
     try:
@@ -89,6 +105,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (its activations run in it; tunelens's own sums are float32)."""
+        return next(self.module.parameters()).dtype
 
     @cached_property
     def content_hash(self) -> str:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from tunelens.errors import ModelLoadError, PairIncompatibleError
-from tunelens.models.loaded import LoadedModel, ModelSource, check_device
+from tunelens.models.loaded import LoadedModel, ModelSource, check_device, check_dtype
 from tunelens.models.pair import ModelPair
 from tunelens.paths import data_home
 
@@ -55,8 +55,9 @@ def load_hf_folder(
     trust_remote_code: bool = False,
     source: ModelSource | None = None,
     name: str | None = None,
+    dtype: str | torch.dtype = "float32",
 ) -> LoadedModel:
-    """A model saved with ``save_pretrained`` (config.json + weights + tokenizer files)."""
+    """A model saved with ``save_pretrained`` (config.json + weights + tokenizer files), in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _require_folder(Path(path), "model folder")
@@ -66,6 +67,7 @@ def load_hf_folder(
             f"found {sorted(p.name for p in path.iterdir())[:8]}"
         )
     dev = check_device(device)
+    want = check_dtype(dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -75,7 +77,7 @@ def load_hf_folder(
         ) from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager", trust_remote_code=trust_remote_code
+            path, dtype=want, attn_implementation="eager", trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(
@@ -134,12 +136,15 @@ def convert_gguf(gguf: str | Path, out: Path | None = None) -> Path:
     return out
 
 
-def load_gguf(path: str | Path, *, device: str = "cpu", name: str | None = None) -> LoadedModel:
-    """A GGUF file, through its cached safetensors conversion."""
+def load_gguf(
+    path: str | Path, *, device: str = "cpu", name: str | None = None, dtype: str | torch.dtype = "float32"
+) -> LoadedModel:
+    """A GGUF file, through its cached safetensors conversion (float32), loaded in ``dtype``."""
     folder = convert_gguf(path)
     return load_hf_folder(
         folder,
         device=device,
+        dtype=dtype,
         source=ModelSource(kind="gguf", location=str(path)),
         name=name or Path(path).stem,
     )

@@ -25,6 +25,11 @@ def check_compatible(base: LoadedModel, tuned: LoadedModel) -> None:
                 f"{key} differs: base {base.name!r} has {a[key]}, tuned {tuned.name!r} has {b[key]}; "
                 "a pair needs two models of the same architecture and sizes"
             )
+    if base.dtype != tuned.dtype:
+        raise PairIncompatibleError(
+            f"dtype differs: base {base.name!r} is {str(base.dtype).removeprefix('torch.')}, tuned "
+            f"{tuned.name!r} is {str(tuned.dtype).removeprefix('torch.')}; load both in one dtype (dtype=...)"
+        )
     va, vb = base.tokenizer.get_vocab(), tuned.tokenizer.get_vocab()
     if va != vb:
         only_a = sorted(set(va) - set(vb))

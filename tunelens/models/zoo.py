@@ -391,8 +391,10 @@ def _folder(name: str) -> Path:
     return p / "hf" if (p / "hf").exists() else p
 
 
-def load(name: str, *, device: str = "cpu", build_missing: bool = True) -> LoadedModel:
-    """A zoo model as a plain HF model (a LoRA entry is merged onto its base)."""
+def load(
+    name: str, *, device: str = "cpu", build_missing: bool = True, dtype: str = "float32"
+) -> LoadedModel:
+    """A zoo model as a plain HF model (a LoRA entry is merged onto its base), in ``dtype``."""
 
     e = entry(name)
     if not is_built(name):
@@ -401,11 +403,14 @@ def load(name: str, *, device: str = "cpu", build_missing: bool = True) -> Loade
         build(name)
     src = ModelSource(kind="zoo", location=name)
     if e.kind == "lora":
-        return load_adapter_pair(load(e.base, device=device), path(name), mode="merged", name=name).tuned
-    return load_hf_folder(_folder(name), device=device, source=src, name=name)
+        base = load(e.base, device=device, dtype=dtype)
+        return load_adapter_pair(base, path(name), mode="merged", name=name).tuned
+    return load_hf_folder(_folder(name), device=device, source=src, name=name, dtype=dtype)
 
 
-def load_pair(name: str, *, device: str = "cpu", progress: Progress | None = None) -> ModelPair:
+def load_pair(
+    name: str, *, device: str = "cpu", progress: Progress | None = None, dtype: str = "float32"
+) -> ModelPair:
     """A zoo pair; a LoRA pair shares one set of base weights, with the adapter switched off for base.
 
     Models not built yet are built first (once; ``progress`` hears what is built and how it goes)."""
@@ -418,11 +423,11 @@ def load_pair(name: str, *, device: str = "cpu", progress: Progress | None = Non
             if progress is not None:
                 progress(f"building zoo model {model} (once; cached under {zoo_dir()})")
             build(model, progress=(lambda msg: progress("  " + msg)) if progress is not None else None)
-    base = load(base_name, device=device)
+    base = load(base_name, device=device, dtype=dtype)
     if entry(tuned_name).kind == "lora":
         pair = load_adapter_pair(base, path(tuned_name), mode="switch", name=tuned_name)
     else:
-        pair = ModelPair(base, load(tuned_name, device=device))
+        pair = ModelPair(base, load(tuned_name, device=device, dtype=dtype))
     pair.name = name
     return pair
 

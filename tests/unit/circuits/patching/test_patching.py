@@ -186,3 +186,18 @@ def test_bad_inputs_are_clear_errors(induction_model, data, tiny_tok):
         )
     with pytest.raises(SiteError, match="has no heads"):
         Patch("resid_pre", 0, 1, 0)
+
+
+def test_logit_diff_subtracts_the_best_other_candidate_by_token_even_on_a_tie():
+    """Candidates 7 (the answer), 8 and 9; candidate 8's logit equals the answer's exactly (common in
+    bfloat16): the best other candidate is then 8, and the difference is 0, not answer - logit(9)."""
+    from circuits.patching.metrics import LastLogits
+
+    logits = torch.zeros(1, 2, 12)
+    logits[0, :, 7] = 3.0
+    logits[0, 0, 8] = 3.0  # a tie in prompt 0
+    logits[0, 1, 8] = 1.0
+    logits[0, :, 9] = 2.0
+    answers = Answers(answer=torch.tensor([7, 7]), candidates=torch.tensor([[7, 8, 9], [9, 7, 8]]))
+    ld = logit_diff(LastLogits.from_logits(logits, answers))
+    assert ld.tolist() == [[0.0, 1.0]]
