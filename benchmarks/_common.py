@@ -31,6 +31,34 @@ def perturbed_pair(name: str = "smollm2", scale: float = 1e-3, seed: int = 0) ->
     return ModelPair(base, tuned, name=f"{name} vs perturbed")
 
 
+def gpt2_shape_pair(scale: float = 1e-2, seed: int = 0) -> ModelPair:
+    """A random-init GPT-2 of realistic shape (12 layers, d_model 768, 12 heads; Conv1D and a fused c_attn)
+    with SmolLM2's tokenizer, and a perturbed copy: the fused-projection path at a real size, no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunelens.models.loaded import LoadedModel, ModelSource
+
+    tok = zoo.load("smollm2").tokenizer
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+        architectures=["GPT2LMHeadModel"], attn_implementation="eager",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(cfg).eval()
+    tuned = GPT2LMHeadModel(cfg).eval()
+    tuned.load_state_dict(base.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
+
+    def loaded(module, name):
+        return LoadedModel(module, tok, source=ModelSource(kind="memory", location=name), name=name)
+
+    return ModelPair(loaded(base, "gpt2-shape"), loaded(tuned, "gpt2-shape-perturbed"), name="gpt2-shape")
+
+
 def prompts(n: int, seed: int = 0) -> Dataset:
     """``n`` entity-tracking prompts (3 boxes, every box of ``ceil(n / 3)`` worlds queried)."""
     ds = generate(EntityTrackingConfig(n_boxes=3, n_contexts=math.ceil(n / 3)), seed=seed)

@@ -1,4 +1,6 @@
-"""Patching speed on SmolLM2 (the demo pair): the fast engine against one full forward per site.
+"""Patching speed on SmolLM2 (the demo pair), or (``--model gpt2-shape``) on a random-init GPT-2 of
+realistic shape (12 layers, d_model 768: Conv1D and a fused c_attn, so the fused path is timed at a real
+size): the fast engine against one full forward per site.
 
 1. Residual stream, layer × position (30 layers × the last 10 positions), clean -> corrupt entity
    tracking: ``circuits`` engine vs ``transformer_lens.patching.get_act_patch_resid_pre`` on the bridge.
@@ -16,6 +18,7 @@ import argparse
 import time
 
 import torch
+from _common import gpt2_shape_pair
 
 from circuits.patching.cmap import cmap_sweep, trace_pair
 from circuits.patching.engine import Patch, run_cells, trace
@@ -41,9 +44,10 @@ def main() -> None:
         "--sample", type=int, default=0,
         help="time the one-forward-per-site baselines on every N-th site only and scale up (0: all sites)",
     )  # fmt: skip
+    ap.add_argument("--model", choices=("smollm2", "gpt2-shape"), default="smollm2")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    pair = zoo.load_pair("smollm2-et")
+    pair = zoo.load_pair("smollm2-et") if args.model == "smollm2" else gpt2_shape_pair()
     ds = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=args.contexts), seed=0)
     clean, corrupt = ds.encode(pair.tokenizer), et.counterfactuals(ds, "query", seed=1).encode(pair.tokenizer)
     model, dims = pair.tuned, pair.dims
@@ -57,7 +61,10 @@ def main() -> None:
         lg = logits[torch.arange(len(last)), last]
         return (lg.gather(1, clean.answer_ids[:, None]) - lg.gather(1, corrupt.answer_ids[:, None])).mean()
 
-    print(f"SmolLM2 tuned, {len(clean)} prompts of {T} tokens, {len(index)} residual sites")
+    print(
+        f"{args.model} tuned ({dims.n_layers} layers, d_model {dims.d_model}), {len(clean)} prompts of "
+        f"{T} tokens, {len(index)} residual sites"
+    )
     backend = model.backend("bridge")
     tl_patch_sweep(
         backend,
