@@ -2,7 +2,7 @@
 
 Adding a family: a file here declaring ``FAMILY`` (paths of its layers, q/k/v or fused qkv and how it
 splits, output projection, MLP, what the residual receives), one line in :data:`FAMILIES` below, and the
-family's name in the test's list (``tests/unit/families/test_families.py``), which checks the declaration
+family's name in the tests' list (``tests/unit/families/names.py``), which checks the declaration
 against a tiny random-init model built from the family's HF config.
 
     >>> family_of_config(type("Cfg", (), {"model_type": "qwen2", "architectures": None})()).qkv[0]

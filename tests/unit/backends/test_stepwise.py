@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit.families.names import NAMES
 from tunelens.backends.stepwise import LAYER_KINDS, Stepper
 from tunelens.dims import ModelDims
 from tunelens.errors import ShapeError
 from tunelens.families import FAMILIES
 from tunelens.models.tiny import TinyConfig, tiny_family
 
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 CFG = TinyConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=64)
 T = 8
 

@@ -15,6 +15,7 @@ from circuits.studies.runner import TOY, run_pair_study
 from probes.config import ProbeConfig
 from probes.studies.entity_tracking import entity_tracking_study
 from probes.studies.settings import EntityTrackingSettings
+from tests.unit.families.names import NAMES
 from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError
 from tunelens.generation import generate_with_edit
@@ -24,7 +25,6 @@ from tunelens.models.tiny import TinyConfig, tiny_family
 from tunelens.sites import Site
 from tunelens.weights import MatrixName, read_matrix, replace_matrix
 
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 CFG = TinyConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=128)
 
 

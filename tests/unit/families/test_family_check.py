@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.families.names import NAMES
 from tunelens.checks import check_pair
 from tunelens.families import FAMILIES
 from tunelens.models.resolve import load_pair
 from tunelens.models.tiny import TinyConfig, tiny_family
-
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 
 
 def _folders(name: str, tok, root: Path) -> tuple[Path, Path, Path]:

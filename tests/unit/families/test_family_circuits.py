@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from circuits.patching.cmap import cmap_sweep
+from tests.unit.families.names import NAMES
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.tiny import TinyConfig, tiny_family
 from tunelens.tasks import entity_tracking as et
 
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 CFG = TinyConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=128)
 
 

@@ -15,6 +15,7 @@ from probes.config import ProbeConfig
 from probes.studies.entity_tracking import entity_tracking_study
 from probes.studies.settings import EntityTrackingSettings
 from spectral.intruders import IntruderConfig, intruders
+from tests.unit.families.names import NAMES
 from tunelens.checks import check_pair
 from tunelens.errors import ConfigError, PairIncompatibleError
 from tunelens.models.pair import ModelPair
@@ -22,7 +23,6 @@ from tunelens.models.resolve import load_model, load_pair
 from tunelens.models.tiny import TinyConfig, tiny_family
 from tunelens.tasks import entity_tracking as et
 
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 CMAP_TOLERANCE = 0.02  # bf16 vs float32, relative to the largest |logit| (+1): bf16 keeps 8 bits (0.4 %)
 
 

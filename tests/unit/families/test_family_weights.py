@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit.families.names import NAMES
 from tunelens.families import FAMILIES
 from tunelens.models.tiny import TinyConfig, tiny_family
 from tunelens.weights import (
@@ -17,7 +18,6 @@ from tunelens.weights import (
     swapped_matrices,
 )
 
-NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "phi3", "olmo2"]
 CFG = TinyConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=64)
 
 
