@@ -346,6 +346,19 @@ def _family_folder(ctx, family: str) -> Path:
     return folder
 
 
+def _config_of_another_family(ctx) -> Path:
+    """A folder whose config.json says Llama while its weights are GPT-2's."""
+    import shutil
+
+    from tunelens.models.tiny import tiny_family
+
+    folder = ctx.tmp / "llama-config-gpt2-weights"
+    if not folder.exists():
+        shutil.copytree(_family_folder(ctx, "gpt2"), folder)
+        tiny_family("llama", vocab_size=len(ctx.tok.get_vocab())).config.save_pretrained(folder)
+    return folder
+
+
 def _runtime_dims_of(model_type: str):
     from transformers import AutoConfig
 
@@ -390,6 +403,13 @@ CASES = [
         lambda ctx: load_hf_folder(_folder(ctx, "empty", {})),
         ModelLoadError,
         r"'.*/empty' is not a model folder: expected a config\.json .*found \[\]",
+    ),
+    Case(
+        "config-of-another-family",
+        lambda ctx: load_model(_config_of_another_family(ctx)),
+        ModelLoadError,
+        r"the weights in '.*llama-config-gpt2-weights' do not fit its config\.json: \d+ weights the config's "
+        r"LlamaForCausalLM needs are not in the checkpoint .*it holds \d+ it does not use",
     ),
     Case(
         "pair-of-two-families",

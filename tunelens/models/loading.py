@@ -76,19 +76,45 @@ def load_hf_folder(
             f"(tokenizer.json, tokenizer_config.json), found {_listing(path)}: {_first_line(exc)}"
         ) from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=want, attn_implementation="eager", trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=want,
+            attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(
             f"could not load the model in {str(path)!r}: expected a config.json and readable weights "
             f"(model.safetensors) from save_pretrained, found {_listing(path)}: {_first_line(exc)}"
         ) from exc
+    _check_weights_fit(path, model, info)
     return LoadedModel(
         model.to(dev),
         tok,
         source=source or ModelSource(kind="hf", location=str(path)),
         name=name or path.name,
+    )
+
+
+def _check_weights_fit(path: Path, model, info: dict) -> None:
+    """A checkpoint whose weights do not fit its config (another family's, another size's) would load with the
+    missing weights drawn at random: refuse it, naming what is missing and what is left over."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = info.get("mismatched_keys") or ()
+    if not missing and not mismatched:
+        return
+    arch = type(model).__name__
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    detail = (
+        f"{len(missing)} weights the config's {arch} needs are not in the checkpoint (first: {missing[0]!r})"
+        if missing
+        else f"{len(mismatched)} weights have another shape than the config says (first: {mismatched[0]})"
+    )
+    extra = f"; it holds {len(unexpected)} it does not use (first: {unexpected[0]!r})" if unexpected else ""
+    raise ModelLoadError(
+        f"the weights in {str(path)!r} do not fit its config.json: {detail}{extra}; expected the weights "
+        "save_pretrained wrote with this config (is config.json from another model?)"
     )
 
 
