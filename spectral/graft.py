@@ -65,15 +65,15 @@ from tunelens.results import Result, pair_provenance
 from tunelens.tasks.base import Dataset, Encoded
 from tunelens.weights import (
     MATRIX_KINDS,
+    canonical_param_name,
     frozen,
     functional_forward,
-    matrix_name_of,
-    read_matrix,
+    matrix_param_names,
+    read_stored,
     trainable_params,
 )
 
 log = logging.getLogger(__name__)
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 NORM = "norm"
 EMBEDDING = "embedding"
 KINDS = (*MATRIX_KINDS, NORM, EMBEDDING)
@@ -132,13 +132,15 @@ class GraftConfig:
 
 @dataclass
 class GraftSpace:
-    """The graft set: parameter names (canonical), base and tuned values, and the update τ."""
+    """The graft set: parameter names (canonical; a block of a fused projection by its block key), base and
+    tuned values, the update τ, and each name's ``(layer, kind)``."""
 
     names: list[str]
     base: dict[str, Tensor]
     tuned: dict[str, Tensor]
     delta: dict[str, Tensor]
     outside_differ: list[str] = field(default_factory=list)  # differing parameters left at base
+    where: dict[str, tuple[int | None, str]] = field(default_factory=dict)
 
     @property
     def n_params(self) -> int:
@@ -152,14 +154,22 @@ class GraftSpace:
         return {n: torch.full_like(self.base[n], value, dtype=torch.bool) for n in self.names}
 
 
-def _layer_kind(name: str) -> tuple[int | None, str]:
-    mat = matrix_name_of(name)
-    if mat is not None:
-        return mat.layer, mat.kind
-    if name.rsplit(".", 2)[-2] in ("embed_tokens", "lm_head"):
-        return None, EMBEDDING
-    m = _LAYER_RE.search(name)
-    return (int(m[1]) if m else None), NORM
+def _classifier(model: LoadedModel):
+    """``name -> (layer, kind)`` for the graft set's names: a matrix (a block key of a fused projection too),
+    the embeddings, or a norm (with its layer, from the family's layer path)."""
+    mats = {key: mat for mat, key in matrix_param_names(model.module).items()}
+    layer_re = re.compile(rf"(?:^|\.){re.escape(model.family.layers)}\.(\d+)\.")
+    embeddings = {model.family.embed.split(".")[-1], "lm_head", "wpe"}
+
+    def classify(name: str) -> tuple[int | None, str]:
+        if name in mats:
+            return mats[name].layer, mats[name].kind
+        if name.rsplit(".", 2)[-2] in embeddings:
+            return None, EMBEDDING
+        m = layer_re.search(name)
+        return (int(m[1]) if m else None), NORM
+
+    return classify
 
 
 def _params(model: LoadedModel) -> dict[str, Tensor]:
@@ -167,29 +177,9 @@ def _params(model: LoadedModel) -> dict[str, Tensor]:
     params = dict(trainable_params(model.module, include_norms=True, include_embeddings=True))
     if model.adapter is True:
         with model.active() as module:
-            for n in params:
-                mat = matrix_name_of(n)
-                if mat is not None:
-                    params[n] = read_matrix(module, mat)
+            for mat, key in matrix_param_names(module).items():
+                params[key] = read_stored(module, mat)
     return params
-
-
-def _check_graftable(model: LoadedModel) -> None:
-    """Grafting masks parameters and maps each to its matrix by its Llama-style name (``q_proj`` ...
-    ``down_proj``, one matrix per parameter); a family storing several matrices in one parameter (GPT-2,
-    GPT-NeoX, Phi-3) or naming them otherwise is refused rather than grafted without those matrices."""
-    fam, dims = model.family, model.dims
-    other = [
-        k
-        for k in fam.matrix_kinds
-        if (spot := fam.matrix(k, dims))[1] is not None or not spot[0].endswith(f".{k}_proj")
-    ]
-    if other or fam.conv1d:
-        raise ConfigError(
-            f"grafting maps parameters to matrices by Llama-style names, one matrix per parameter; "
-            f"{fam.name} stores {', '.join(other)} otherwise (fused or differently named projections). "
-            "Grafting runs on llama, mistral, qwen2, qwen3, gemma2, gemma3_text and olmo2 models so far"
-        )
 
 
 def graft_space(
@@ -200,8 +190,8 @@ def graft_space(
     layers: Sequence[int] | None = None,
 ) -> GraftSpace:
     """The graft set of a pair; :class:`PairIncompatibleError` if parameter names or shapes differ."""
-    _check_graftable(base)
     pb, pt = _params(base), _params(tuned)
+    classify = _classifier(base)
     if set(pb) != set(pt):
         only_b, only_t = sorted(set(pb) - set(pt)), sorted(set(pt) - set(pb))
         first = (only_b or only_t)[0]
@@ -217,20 +207,33 @@ def graft_space(
                 f"cannot graft: parameter {n!r} has shape {tuple(pb[n].shape)} in the base model but "
                 f"{tuple(pt[n].shape)} in the tuned model"
             )
-        layer, kind = _layer_kind(n)
+        layer, kind = classify(n)
         if kind in kinds and (layers is None or layer in layers):
             names.append(n)
         elif not torch.equal(pb[n], pt[n]):
             outside.append(n)
     if not names:
         raise ConfigError(f"the graft set is empty for kinds {tuple(kinds)} and layers {layers}")
+    outside += _other_differences(base, tuned, pb)
     return GraftSpace(
+        where={n: classify(n) for n in names},
         names=names,
         base={n: pb[n] for n in names},
         tuned={n: pt[n] for n in names},
         delta={n: (pt[n] - pb[n]).float() for n in names},
         outside_differ=outside,
     )
+
+
+def _other_differences(base: LoadedModel, tuned: LoadedModel, graftable: Mapping[str, Tensor]) -> list[str]:
+    """Parameters that are not graftable at all (projection biases: Qwen2, GPT-2, GPT-NeoX) but differ
+    between the models: they stay at base in every graft, and are named in ``outside_differ``."""
+    covered = {n.split("[")[0] for n in graftable}
+    with base.active() as mb:
+        pb = {canonical_param_name(n): p for n, p in mb.named_parameters() if "lora_" not in n}
+    with tuned.active() as mt:
+        pt = {canonical_param_name(n): p for n, p in mt.named_parameters() if "lora_" not in n}
+    return [n for n in pb if n not in covered and n in pt and not torch.equal(pb[n], pt[n])]
 
 
 def cut_top(
@@ -722,7 +725,7 @@ def _intervals(
 def _layer_rows(space: GraftSpace, mask: Mapping[str, Tensor], task: str, sparsity: float) -> list[dict]:
     rows: dict[tuple[int, str], list[int]] = {}
     for n in space.names:
-        layer, kind = _layer_kind(n)
+        layer, kind = space.where[n]
         key = (-1 if layer is None else layer, kind)
         acc = rows.setdefault(key, [0, 0])
         acc[0] += int(mask[n].sum())

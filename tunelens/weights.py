@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError, ModelLoadError, PairIncompatibleError, ShapeError
 from tunelens.families import BY_ARCHITECTURE, Family, family_of_config
-from tunelens.families.base import MATRIX_KINDS, _unwrap
+from tunelens.families.base import MATRIX_KINDS, _unwrap, as_slice
 
 MatrixKind = Literal["q", "k", "v", "o", "gate", "up", "down"]
 assert get_args(MatrixKind) == MATRIX_KINDS
@@ -238,22 +238,65 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+_BLOCK_KEY = re.compile(r"^(.*)\[(q|k|v|gate|up)\]$")
+
+
+def matrix_param_names(model: nn.Module) -> dict[MatrixName, str]:
+    """Each matrix's parameter, by canonical name: the projection's weight, or for a block of a fused
+    projection a *block key* ``<weight name>[<kind>]`` (``transformer.h.0.attn.c_attn.weight[q]``), which
+    :func:`trainable_params` and :func:`functional_forward` understand."""
+    family = _family(model)
+    dims = ModelDims.from_hf_config(_unwrap(model).config)
+    out: dict[MatrixName, str] = {}
+    for name in matrix_names(model):
+        path, rows = family.matrix(name.kind, dims)
+        param = f"{family.layers}.{name.layer}.{path}.weight"
+        out[name] = param if rows is None else f"{param}[{name.kind}]"
+    return out
+
+
+def read_stored(model: nn.Module, name: MatrixName, *, adapter: bool = True) -> Matrix:
+    """:func:`read_matrix` in the orientation the parameter stores it (GPT-2's Conv1D: ``d_in × d_out``), the
+    shape of its entry in :func:`trainable_params`."""
+    matrix = read_matrix(model, name, adapter=adapter)
+    return matrix.T if _spot(model, name).conv1d else matrix
+
+
 def trainable_params(
     model: nn.Module, *, include_embeddings: bool = False, include_norms: bool = False
 ) -> dict[str, Tensor]:
-    """Stored parameters by canonical HF name: the linear matrices, optionally embeddings and norms.
+    """Stored parameters by canonical HF name: the linear matrices (a fused projection as one entry per
+    matrix, under its block key: :func:`matrix_param_names`), optionally embeddings and norms, in the order of
+    ``named_parameters``.
 
-    Values are detached views of the live parameters (no copies), so a graft
-    ``{n: base[n] + gamma[n] * (tuned[n] - base[n])}`` sends gradients only to ``gamma``.
+    Values are detached views of the live parameters where they can be (a GPT-NeoX q/k/v block is a copy), so
+    a graft ``{n: base[n] + gamma[n] * (tuned[n] - base[n])}`` sends gradients only to ``gamma``.
     """
+    family = _family(model)
+    dims = ModelDims.from_hf_config(_unwrap(model).config)
+    by_param: dict[str, list[tuple[str, Tensor | None]]] = {}
+    for key in matrix_param_names(model).values():
+        block = _BLOCK_KEY.match(key)
+        param, rows = (block[1], family.matrix(block[2], dims)[1]) if block else (key, None)
+        by_param.setdefault(param, []).append((key, rows))
+    norms = {p.split(".")[-1] for p in (family.attn_norm, family.mlp_norm, family.final_norm) if p}
+    norms |= {
+        p.split(".")[-1] for p, own in ((family.attn_add, family.attention), (family.mlp_add, family.mlp))
+    }
+    norms.discard(family.attention.split(".")[-1])
+    norms.discard(family.mlp.split(".")[-1])
+    embeddings = {family.embed.split(".")[-1], "lm_head", "wpe"}
     out: dict[str, Tensor] = {}
     for real, param in model.named_parameters():
         name = canonical_param_name(real)
         last = name.rsplit(".", 2)[-2]  # the module's own name, e.g. "input_layernorm"
-        if (
-            matrix_name_of(name) is not None
-            or (include_embeddings and last in ("embed_tokens", "lm_head"))
-            or (include_norms and "norm" in last)
+        if name in by_param:
+            for key, rows in by_param[name]:
+                stored = param.detach().T if family.conv1d else param.detach()
+                block = stored if rows is None else stored[as_slice(rows)]
+                out[key] = block.T if family.conv1d else block
+        elif (include_embeddings and last in embeddings) or (
+            include_norms and "lora_" not in name and ("norm" in last or last in norms)
         ):
             out[name] = param.detach()
     return out
@@ -267,6 +310,7 @@ def functional_forward(model: nn.Module, params: Mapping[str, Tensor], *args: An
     """
     real = {canonical_param_name(n): (n, p) for n, p in model.named_parameters(remove_duplicate=False)}
     real |= {n: (n, p) for n, p in model.named_parameters(remove_duplicate=False)}
+    params = _assemble_blocks(model, params, real)
     overrides: dict[str, Tensor] = {}
     for name, value in params.items():
         if name not in real:
@@ -280,6 +324,39 @@ def functional_forward(model: nn.Module, params: Mapping[str, Tensor], *args: An
             raise ShapeError(f"parameter {name!r}: expected shape {expected}, got {got}")
         overrides[real_name] = value
     return torch.func.functional_call(model, overrides, args, kwargs)
+
+
+def _assemble_blocks(
+    model: nn.Module, params: Mapping[str, Tensor], real: Mapping[str, tuple[str, Tensor]]
+) -> dict[str, Tensor]:
+    """Block keys (``c_attn.weight[q]``) put back into their fused parameter (the live value where a block
+    is not given), differentiably: gradients reach each block's tensor."""
+    blocks = {k: _BLOCK_KEY.match(k) for k in params}
+    if not any(blocks.values()):
+        return dict(params)
+    family = _family(model)
+    dims = ModelDims.from_hf_config(_unwrap(model).config)
+    out = {k: v for k, v in params.items() if blocks[k] is None}
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, match in blocks.items():
+        if match is not None:
+            grouped.setdefault(match[1], {})[match[2]] = params[key]
+    for param, parts in grouped.items():
+        if param not in real:
+            raise PairIncompatibleError(
+                f"parameter {param!r} (of block keys {sorted(parts)}) is not in the model"
+            )
+        full = out.get(param, real[param][1].detach())
+        w = full.T if family.conv1d else full
+        for kind, value in parts.items():
+            rows = family.matrix(kind, dims)[1]
+            block = value.T if family.conv1d else value
+            if block.shape != (len(rows), w.shape[1]):
+                want = (len(rows), w.shape[1])
+                raise ShapeError(f"block {param}[{kind}]: expected shape {want}, got {tuple(block.shape)}")
+            w = w.index_put((rows.to(w.device),), block.to(w.dtype))
+        out[param] = w.T if family.conv1d else w
+    return out
 
 
 def content_hash(model: nn.Module, *, adapters: bool = True) -> str:

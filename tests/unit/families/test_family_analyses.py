@@ -1,6 +1,6 @@
 """Every analysis on a tiny pair of every declared family, end to end: the circuits study (activation and
 attribution patching, CMAP, head groups, path patching, faithfulness, minimality), DCM recovering a planted
-head, the entity-tracking probe study, steering during generation, grafting (or its refusal)."""
+head, the entity-tracking probe study, steering during generation, grafting over fused projections."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from probes.studies.entity_tracking import entity_tracking_study
 from probes.studies.settings import EntityTrackingSettings
 from tests.unit.families.names import NAMES
 from tunelens.backends.base import TokenBatch
-from tunelens.errors import ConfigError
 from tunelens.generation import generate_with_edit
 from tunelens.models.loaded import LoadedModel, ModelSource
 from tunelens.models.pair import ModelPair
 from tunelens.models.tiny import TinyConfig, tiny_family
 from tunelens.sites import Site
+from tunelens.tasks import entity_tracking as et
 from tunelens.weights import MatrixName, read_matrix, replace_matrix
 
 CFG = TinyConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=128)
@@ -107,15 +107,50 @@ def test_steering_during_generation(name, tiny_tok):
     assert moved != plain
 
 
-@pytest.mark.parametrize("name", ["qwen2", "olmo2", "gpt2", "gpt_neox", "phi3"])
-def test_grafting_runs_or_is_refused_by_name(name, tiny_tok):
-    from spectral.graft import graft_space
+@pytest.mark.parametrize("name", ["qwen2", "gpt2", "gpt_neox", "phi3"])
+def test_grafting_splits_fused_projections_and_its_end_points_are_the_two_models(name, tiny_tok):
+    """The graft set holds every matrix of the family (a fused q/k/v or gate/up as one entry per matrix) and
+    the norms; the all-ones graft is the tuned model (with what differs outside the graft set, biases and
+    embeddings here, left at base) and the all-zeros graft the base, exactly; grafting only the q blocks
+    equals writing the tuned q matrices into the base."""
+    from spectral.graft import GraftConfig, graft, graft_space
+    from tunelens.weights import functional_forward, replace_matrix
 
     pair = _pair(name, tiny_tok)
-    if name in ("gpt2", "gpt_neox", "phi3"):
-        with pytest.raises(ConfigError, match=rf"grafting maps parameters to matrices.*{name} stores"):
-            graft_space(pair.base, pair.tuned)
-        return
     space = graft_space(pair.base, pair.tuned)
-    kinds = {n.rsplit(".", 2)[-2] for n in space.names}
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= kinds
+    kinds = {kind for _, kind in space.where.values()}
+    assert set(pair.base.family.matrix_kinds) | {"norm"} == kinds
+    ids = pair.base.encode(["The pen is in Box C. Box C contains the"]).input_ids
+    expected = copy.deepcopy(pair.tuned.module)
+    base_params = dict(pair.base.module.named_parameters())
+    assert space.outside_differ  # the perturbation moved biases and embeddings too
+    with torch.no_grad():
+        for n, p in expected.named_parameters():
+            if n in space.outside_differ:
+                p.copy_(base_params[n])
+        want_tuned = expected(input_ids=ids).logits
+        want_base = pair.base.module(input_ids=ids).logits
+        ones = functional_forward(
+            pair.base.module, space.grafted(space.full_mask(True)), input_ids=ids
+        ).logits
+        zeros = functional_forward(
+            pair.base.module, space.grafted(space.full_mask(False)), input_ids=ids
+        ).logits
+    assert torch.equal(ones, want_tuned) and torch.equal(zeros, want_base)
+    only_q = {
+        n: torch.full_like(space.base[n], space.where[n][1] == "q", dtype=torch.bool) for n in space.names
+    }
+    by_hand = copy.deepcopy(pair.base.module)
+    for layer in range(CFG.n_layers):
+        replace_matrix(
+            by_hand, MatrixName(layer, "q"), read_matrix(pair.tuned.module, MatrixName(layer, "q"))
+        )
+    with torch.no_grad():
+        got = functional_forward(pair.base.module, space.grafted(only_q), input_ids=ids).logits
+        assert torch.allclose(got, by_hand(input_ids=ids).logits, atol=1e-5)
+    data = et.generate(et.EntityTrackingConfig(n_boxes=3, n_contexts=10), seed=0)
+    splits = data.split({"train": 0.6, "test": 0.4}, seed=0)
+    res = graft(
+        pair, {"entity_tracking": splits}, GraftConfig(sparsities=(1e-2,), steps=2, max_fit=12, max_dev=6)
+    )
+    assert set(res.curve["method"]) == {"graft", "top_abs", "random"}
