@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit.families.helpers import lora_on_projections
 from tests.unit.families.names import NAMES
 from tunelens.backends.stepwise import LAYER_KINDS, Stepper
 from tunelens.dims import ModelDims
@@ -217,17 +218,7 @@ def test_writing_k_or_the_pattern_reaches_the_familys_own_attention(name):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "phi3"])
 def test_a_lora_is_followed_also_on_fused_projections(name):
-    from peft import LoraConfig, get_peft_model
-
-    fam = FAMILIES[name]
-    model = tiny_family(name, CFG, seed=6)
-    targets = sorted({p.split(".")[-1] for p in (*fam.qkv, fam.out_proj, fam.mlp_out_proj)})
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=fam.conv1d))
-    gen = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for pname, param in peft_model.named_parameters():
-            if "lora_B" in pname:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model = lora_on_projections(name, tiny_family(name, CFG, seed=6), seed=6)
     ids = _ids()
     stepper = Stepper(peft_model)
     with torch.no_grad():

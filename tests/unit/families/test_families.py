@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit.families.helpers import lora_on_projections
 from tests.unit.families.names import NAMES
 from tunelens.backends.layerwise import layer_types, run_from_layer
 from tunelens.dims import ModelDims
@@ -173,17 +174,8 @@ def test_the_declared_additions_are_the_layers_whole_update(name):
 def test_a_lora_on_the_familys_projections_is_followed(name):
     """TransformerBridge ignores a LoRA on fused projections (GPT-2, GPT-NeoX, Phi-3); running the model's
     own (peft-wrapped) modules from a layer gives the peft model's logits, for every family."""
-    from peft import LoraConfig, get_peft_model
-
     fam = FAMILIES[name]
-    model = tiny_family(name, CFG, seed=6)
-    targets = sorted({p.split(".")[-1] for p in (*fam.qkv, fam.out_proj, fam.mlp_out_proj)})
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=fam.conv1d))
-    gen = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for pname, param in peft_model.named_parameters():
-            if "lora_B" in pname:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model = lora_on_projections(name, tiny_family(name, CFG, seed=6), seed=6)
     ids, mask = _batch("right")
     with torch.no_grad():
         out = peft_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)

@@ -15,6 +15,7 @@ from circuits.studies.runner import TOY, run_pair_study
 from probes.config import ProbeConfig
 from probes.studies.entity_tracking import entity_tracking_study
 from probes.studies.settings import EntityTrackingSettings
+from tests.unit.families.helpers import perturbed_copy
 from tests.unit.families.names import NAMES
 from tunelens.backends.base import TokenBatch
 from tunelens.generation import generate_with_edit
@@ -34,11 +35,7 @@ def _loaded(module, tok, name):
 
 def _pair(name, tok) -> ModelPair:
     module = tiny_family(name, CFG, len(tok.get_vocab()), seed=0, sliding_window=6)
-    tuned = copy.deepcopy(module)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    tuned = perturbed_copy(module, 0.05)
     return ModelPair(_loaded(module, tok, f"{name}-base"), _loaded(tuned, tok, f"{name}-tuned"))
 
 

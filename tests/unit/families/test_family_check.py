@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.unit.families.helpers import perturbed_copy, save_pair
 from tests.unit.families.names import NAMES
 from tunelens.checks import check_pair
 from tunelens.families import FAMILIES
@@ -24,15 +24,7 @@ def _folders(name: str, tok, root: Path) -> tuple[Path, Path, Path]:
 
     fam = FAMILIES[name]
     model = tiny_family(name, TinyConfig(n_layers=2), len(tok.get_vocab()), seed=0, sliding_window=5)
-    tuned = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    paths = root / f"{name}-base", root / f"{name}-tuned", root / f"{name}-lora"
-    for module, path in zip((model, tuned), paths, strict=False):
-        module.save_pretrained(path)
-        tok.save_pretrained(path)
+    paths = (*save_pair(tok, root, model, perturbed_copy(model, 0.05)), root / "lora")
     lora = LoraConfig(
         r=2, target_modules=[fam.qkv[0].split(".")[-1]], fan_in_fan_out=fam.conv1d, init_lora_weights=False
     )

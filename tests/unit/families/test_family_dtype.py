@@ -4,7 +4,6 @@ come out in float32, and a pair of two dtypes is refused."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from probes.config import ProbeConfig
 from probes.studies.entity_tracking import entity_tracking_study
 from probes.studies.settings import EntityTrackingSettings
 from spectral.intruders import IntruderConfig, intruders
+from tests.unit.families.helpers import perturbed_copy, save_pair
 from tests.unit.families.names import NAMES
 from tunelens.checks import check_pair
 from tunelens.errors import ConfigError, PairIncompatibleError
@@ -28,16 +28,8 @@ CMAP_TOLERANCE = 0.02  # bf16 vs float32, relative to the largest |logit| (+1): 
 
 def _folders(name: str, tok, root: Path) -> tuple[str, str]:
     model = tiny_family(name, TinyConfig(n_layers=2), len(tok.get_vocab()), seed=0, sliding_window=6)
-    tuned = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    paths = root / "base", root / "tuned"
-    for module, path in zip((model, tuned), paths, strict=True):
-        module.save_pretrained(path)
-        tok.save_pretrained(path)
-    return str(paths[0]), str(paths[1])
+    base, tuned = save_pair(tok, root, model, perturbed_copy(model, 0.1))
+    return str(base), str(tuned)
 
 
 @pytest.mark.parametrize("name", NAMES)
