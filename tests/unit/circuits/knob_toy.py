@@ -13,7 +13,7 @@ import torch
 
 from circuits.knob.data import KnobItems
 from tunelens.models.loaded import LoadedModel, ModelSource
-from tunelens.models.tiny import TinyConfig, tiny_llama
+from tunelens.models.tiny import TinyConfig, tiny_family, tiny_llama
 from tunelens.tasks.base import answer_token_id, encode_prompts
 from tunelens.tasks.entity_tracking import LABELS, OBJECTS
 
@@ -54,11 +54,14 @@ def toy_items(n: int, seed: int, tok) -> KnobItems:
     )
 
 
-def train_toy(tok, steps: int = 400, seed: int = 0) -> LoadedModel:
-    """A 3-layer tiny Llama trained from scratch to follow the intent (both intents, balanced)."""
-    model = tiny_llama(
-        TinyConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2), len(tok.get_vocab()), seed
-    )
+def train_toy(tok, steps: int = 400, seed: int = 0, family: str = "llama") -> LoadedModel:
+    """A 3-layer tiny model (a Llama, or a random-init model of another declared ``family``) trained from
+    scratch to follow the intent (both intents, balanced)."""
+    cfg = TinyConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2)
+    if family == "llama":
+        model = tiny_llama(cfg, len(tok.get_vocab()), seed)
+    else:
+        model = tiny_family(family, cfg, len(tok.get_vocab()), seed)
     items = toy_items(512, seed + 100, tok)
     tokens = encode_prompts(tok, items.prompts("context") + items.prompts("prior"))
     labels = torch.cat([items.candidates[:, 1], items.candidates[:, 0]])
@@ -77,4 +80,5 @@ def train_toy(tok, steps: int = 400, seed: int = 0) -> LoadedModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model, tok, source=ModelSource(kind="memory", location="tiny-knob"), name="tiny-knob")
+    name = "tiny-knob" if family == "llama" else f"tiny-knob-{family}"
+    return LoadedModel(model, tok, source=ModelSource(kind="memory", location=name), name=name)

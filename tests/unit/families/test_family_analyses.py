@@ -151,3 +151,35 @@ def test_grafting_splits_fused_projections_and_its_end_points_are_the_two_models
         pair, {"entity_tracking": splits}, GraftConfig(sparsities=(1e-2,), steps=2, max_fit=12, max_dev=6)
     )
     assert set(res.curve["method"]) == {"graft", "top_abs", "random"}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "gemma2", "phi3"])
+def test_the_knob_runs_on_a_toy_of_the_family_trained_to_follow_the_intent(name, tiny_tok):
+    """The whole knob study (layer sweep, DAS, steering, transfer to the base) on a toy of the family trained
+    from scratch to follow "use the context" / "ignore it", against an untrained model of the family."""
+    from circuits.knob.analysis import KnobConfig, run_knob
+    from circuits.knob.das import DASConfig
+    from circuits.knob.steering import steered_choices
+    from tests.unit.circuits.knob_toy import toy_items, train_toy
+    from tunelens.threads import one_thread
+
+    with one_thread():  # the toy's training depends on float summation order
+        toy = train_toy(tiny_tok, family=name)
+        base = _loaded(
+            tiny_family(name, TinyConfig(n_layers=3), len(tiny_tok.get_vocab()), seed=5), tiny_tok, name
+        )
+        items = toy_items(40, 11, tiny_tok).split({"knob": 0.5, "test": 0.5}, seed=0)
+        cfg = KnobConfig(
+            das=DASConfig(epochs=4, lr=0.05),
+            dose_ts=(-1.0, 2.0),
+            transfer_step=2,
+            n_generate=1,
+            max_new_tokens=2,
+        )
+        result = run_knob(ModelPair(base, toy), cfg, items=items)
+    s = result.summary()
+    assert s["tuned_pair_accuracy"] > s["base_pair_accuracy"]
+    assert 0 <= s["knob_layer"] < 3
+    assert result.direction.vector.shape == (CFG.d_model,)
+    flips = steered_choices(toy, result.direction, items["test"], "prior", 4.0)
+    assert flips.shape == (len(items["test"]),)
