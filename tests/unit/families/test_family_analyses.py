@@ -183,3 +183,43 @@ def test_the_knob_runs_on_a_toy_of_the_family_trained_to_follow_the_intent(name,
     assert result.direction.vector.shape == (CFG.d_model,)
     flips = steered_choices(toy, result.direction, items["test"], "prior", 4.0)
     assert flips.shape == (len(items["test"]),)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "gemma2", "olmo2", "phi3"])
+def test_the_atlas_finds_a_planted_write_direction(name, tiny_tok):
+    """A rank-1 write ``5·d·vᵀ`` added to layer 1's out-projection: the delta's top write direction in
+    residual space is ``G·d`` (``G``: the gain of the norm after attention, Gemma and OLMo-2; else none)."""
+    import numpy as np
+
+    from tunelens.directions import Direction
+    from tunelens.faces.atlas import AtlasConfig, compute_atlas
+
+    module = tiny_family(name, CFG, len(tiny_tok.get_vocab()), seed=3)
+    base = _loaded(module, tiny_tok, f"{name}-base")
+    tuned_module = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(4)
+    d = torch.nn.functional.normalize(torch.randn(CFG.d_model, generator=gen), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(CFG.d_model, generator=gen), dim=0)
+    o = MatrixName(1, "o")
+    replace_matrix(tuned_module, o, read_matrix(tuned_module, o) + 5 * torch.outer(d, v))
+    pair = ModelPair(base, _loaded(tuned_module, tiny_tok, f"{name}-tuned"))
+    gain = base.family.norm_gain(module, 1, "o")
+    want = d if gain is None else torch.nn.functional.normalize(gain * d, dim=0)
+    probe = Direction(site=Site("attn_out", 1), vector=want, name="p")
+    res = compute_atlas(pair, AtlasConfig(layer=1, k=2, kinds=("o",)), directions=[probe])
+    g = res.geometry
+    top = g[(g.matrix == "L1.o") & (g.model == "delta") & (g.direction == "p") & (g["index"] == 1)]
+    assert top.abs_cos.iloc[0] > 0.99
+    assert np.isfinite(g.abs_cos).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "gemma3_text", "phi3"])
+def test_the_live_sweep_runs_and_its_exact_effects_are_patches(name, tiny_tok):
+    from circuits.patching.live import live_sweep
+
+    model = _loaded(tiny_family(name, CFG, len(tiny_tok.get_vocab()), seed=6), tiny_tok, name)
+    clean = "The pen is in Box C. The cup is in Box D. Box C contains the"
+    counter = "The pen is in Box D. The cup is in Box C. Box C contains the"
+    res = live_sweep(model, clean, counter, top_k=4)
+    assert len(res.sites) == 4 and res.n_sites > 4
+    assert torch.isfinite(res.exact).all() and torch.isfinite(res.estimate).all()
