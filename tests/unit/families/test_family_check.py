@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.unit.families.helpers import perturbed_copy, save_pair
 from tests.unit.families.names import NAMES
@@ -57,3 +58,17 @@ def test_check_on_a_gpt2_lora_reports_the_bridge_refused_and_passes(tiny_tok, tm
     assert out.returncode == 0, out.stdout + out.stderr
     assert "bridge refused" in out.stdout and "use backend='nnsight'" in out.stdout
     assert "0 failed" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "phi3"])
+def test_a_merged_adapter_pair_is_the_switch_pair_and_the_bridge_runs_it(name, tiny_tok, tmp_path):
+    """Merged into a plain model, an adapter on fused projections is no longer a trap for the bridge: the
+    merged pair passes every check (bridge included) and its tuned model is the switch pair's."""
+    base, _, lora = _folders(name, tiny_tok, tmp_path)
+    merged = load_pair(str(base), str(lora), mode="merged")
+    switch = load_pair(str(base), str(lora), mode="switch")
+    results = check_pair(merged)
+    assert not [r.line() for r in results if not r.passed]
+    assert not any("refused" in r.name for r in results)
+    batch = merged.base.encode(["The pen is in Box C. Box C contains the"])
+    torch.testing.assert_close(merged.tuned.logits(batch), switch.tuned.logits(batch), atol=1e-5, rtol=1e-5)
