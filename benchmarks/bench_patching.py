@@ -77,7 +77,7 @@ def main() -> None:
 
     def ours():
         src, tgt = trace(model, clean.tokens), trace(model, corrupt.tokens)
-        cells = [(Patch("resid_pre", layer, p),) for layer, p in index]
+        cells = [(Patch(Site("resid_pre", layer), p),) for layer, p in index]
         return logit_diff(run_cells(tgt, src, cells, answers)).mean(-1)
 
     fast, t_fast = timed(ours)
@@ -100,7 +100,9 @@ def main() -> None:
     sweep, t_batched = timed(lambda: cmap_sweep(pair, clean, runs=runs))
     print(f"CMAP batched sweep of all heads: {t_batched:.2f} s", flush=True)
     pos = int(last[0])
-    cells = [(Patch("z", layer, pos, h),) for layer in range(dims.n_layers) for h in range(dims.n_heads)]
+    cells = [
+        (Patch(Site("z", layer, h), pos),) for layer in range(dims.n_layers) for h in range(dims.n_heads)
+    ]
     _, t_single = timed(lambda: [run_cells(runs.base, runs.tuned, [c], runs.answers) for c in cells[::step]])
     t_single *= step
     z = runs.tuned.trace.acts

@@ -39,6 +39,7 @@ from tunelens.errors import ConfigError, PairIncompatibleError
 from tunelens.models.loaded import LoadedModel
 from tunelens.models.pair import PairLike
 from tunelens.results import Result
+from tunelens.sites import Site
 from tunelens.tasks.base import Encoded
 
 Direction = Literal["tuned -> base", "base -> tuned"]
@@ -105,7 +106,7 @@ def _cell(heads: Sequence[HeadAt], data: Encoded) -> Cell:
     names = tuple(dict.fromkeys(p for _, _, p in heads if p != "all"))
     positions, _ = resolve_positions(names, data) if names else ([], [])
     where: dict = dict(zip(names, positions, strict=True)) | {"all": None}
-    return tuple(Patch("z", layer, where[p], head) for layer, head, p in heads)
+    return tuple(Patch(Site("z", layer, head), where[p]) for layer, head, p in heads)
 
 
 def random_heads(n_layers: int, n_heads: int, group: Sequence[HeadAt], rng: random.Random) -> list[HeadAt]:

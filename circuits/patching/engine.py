@@ -26,7 +26,7 @@ Example (``model``: a tiny 4-layer Llama; ``dataset``: 12 entity-tracking prompt
     >>> last = run_cells(target, source, cells, answers)  # LastLogits, leading dims (cell, prompt)
     >>> tuple(logit_diff(last).shape)
     (100, 12)
-    >>> everything = run_cells(target, source, [(Patch("resid_pre", 0),)], answers)  # every position
+    >>> everything = run_cells(target, source, [(Patch(Site("resid_pre", 0)),)], answers)  # every position
     >>> torch.allclose(logit_diff(everything)[0], logit_diff(source.last(answers)), atol=1e-4)
     True
 """
@@ -46,28 +46,39 @@ from tunelens.backends.base import TokenBatch
 from tunelens.backends.stepwise import Stepper, Trace
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.loaded import LoadedModel
+from tunelens.sites import Site
 
 PatchKind = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v"]
-PATCH_KINDS: tuple[str, ...] = get_args(PatchKind)
-HEAD_KINDS = ("z", "q", "k", "v")
+PATCH_KINDS: tuple[str, ...] = get_args(PatchKind)  # the Site kinds the engine patches (not pattern, logits)
 Position = int | Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
 class Patch:
-    """Copy the source activation of ``kind`` at ``layer`` (``head``: one head; ``position``: an int, one
-    position per prompt as a ``(batch,)`` tensor, or ``None`` for every position)."""
+    """Copy the source activation at ``site`` (a :class:`~tunelens.sites.Site`, the backends' own
+    vocabulary: one head, or all) at ``position``: an int, one position per prompt as a ``(batch,)``
+    tensor, or ``None`` for every position."""
 
-    kind: PatchKind
-    layer: int
+    site: Site
     position: Position = None
-    head: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in PATCH_KINDS:
-            raise SiteError(f"cannot patch {self.kind!r}; expected one of {', '.join(PATCH_KINDS)}")
-        if self.head is not None and self.kind not in HEAD_KINDS:
-            raise SiteError(f"{self.kind!r} has no heads; heads exist for {', '.join(HEAD_KINDS)}")
+        if not isinstance(self.site, Site):
+            raise SiteError(f"a Patch takes a Site, e.g. Patch(Site('z', 3, 2), position), got {self.site!r}")
+        if self.site.kind not in PATCH_KINDS:
+            raise SiteError(f"cannot patch {self.site.kind!r}; expected one of {', '.join(PATCH_KINDS)}")
+
+    @property
+    def kind(self) -> str:
+        return self.site.kind
+
+    @property
+    def layer(self) -> int:
+        return self.site.layer  # type: ignore[return-value]
+
+    @property
+    def head(self) -> int | None:
+        return self.site.head
 
     def __repr__(self) -> str:
         pos = (
@@ -75,8 +86,7 @@ class Patch:
             if self.position is None
             else (self.position if isinstance(self.position, int) else "per-prompt")
         )
-        head = "" if self.head is None else f".h{self.head}"
-        return f"Patch({self.kind}.{self.layer}{head}@{pos})"
+        return f"Patch({self.site}@{pos})"
 
 
 Cell = tuple[Patch, ...]
@@ -129,7 +139,7 @@ def source_kinds(cells: Iterable[Cell]) -> set[str]:
 def layer_pos_cells(kind: PatchKind, layers: Iterable[int], positions: Iterable[Position]) -> list[Cell]:
     """One cell per (layer, position), layer-major (a whole-site patch, e.g. the residual stream)."""
     positions = list(positions)
-    return [(Patch(kind, layer, pos),) for layer in layers for pos in positions]
+    return [(Patch(Site(kind, layer), pos),) for layer in layers for pos in positions]
 
 
 def layer_head_cells(
@@ -137,12 +147,12 @@ def layer_head_cells(
 ) -> list[Cell]:
     """One cell per (layer, head) at one position (``None``: every position), layer-major."""
     heads = list(heads)
-    return [(Patch(kind, layer, position, h),) for layer in layers for h in heads]
+    return [(Patch(Site(kind, layer, h), position),) for layer in layers for h in heads]
 
 
 def group_cell(kind: PatchKind, heads: Iterable[tuple[int, int]], position: Position) -> Cell:
     """One cell patching several (layer, head) pairs at once (a head group of a circuit)."""
-    return tuple(Patch(kind, layer, position, h) for layer, h in heads)
+    return tuple(Patch(Site(kind, layer, h), position) for layer, h in heads)
 
 
 # --- the engine ----------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from tunelens.backends.stepwise import Stepper, Trace
 from tunelens.errors import ConfigError, PromptError
 from tunelens.models.loaded import LoadedModel
 from tunelens.results import Result
+from tunelens.sites import Site
 from tunelens.weights import frozen
 
 SITE_KINDS = ("attn_out", "mlp_out", "z")  # candidates for exact patching
@@ -234,9 +235,9 @@ def live_sweep(
                 for pos, head in torch.cartesian_prod(
                     torch.arange(e.shape[0]), torch.arange(e.shape[1])
                 ).tolist():
-                    cands.append((float(e[pos, head]), Patch("z", layer, pos, head)))
+                    cands.append((float(e[pos, head]), Patch(Site("z", layer, head), pos)))
             else:
-                cands.extend((float(v), Patch(kind, layer, pos)) for pos, v in enumerate(e.tolist()))
+                cands.extend((float(v), Patch(Site(kind, layer), pos)) for pos, v in enumerate(e.tolist()))
     cands.sort(key=lambda c: -abs(c[0]))
     top = cands[:top_k]
     cells = [(p,) for _, p in top]

@@ -24,7 +24,6 @@ from typing import Any, Literal
 from torch import Tensor
 
 from circuits.patching.engine import (
-    HEAD_KINDS,
     PATCH_KINDS,
     Cell,
     PatchKind,
@@ -39,7 +38,10 @@ from circuits.patching.metrics import Answers, LastLogits, metric_values
 from circuits.patching.result import PatchingResult
 from tunelens.errors import ConfigError
 from tunelens.models.loaded import LoadedModel
+from tunelens.sites import HEAD_KINDS as SITE_HEAD_KINDS
 from tunelens.tasks.base import Encoded
+
+HEAD_KINDS = tuple(k for k in SITE_HEAD_KINDS if k in PATCH_KINDS)  # the patchable per-head kinds
 
 SweepBy = Literal["layer_pos", "layer_head", "layer_pos_head"]
 

@@ -36,6 +36,7 @@ from circuits.patching.metrics import logit_diff
 from circuits.patching.result import PatchingResult
 from tunelens.models.pair import ModelPair
 from tunelens.results import pair_provenance
+from tunelens.sites import Site
 from tunelens.tasks import entity_tracking as et
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def cmap_heads(
         cand = torch.topk(est.reshape(-1), n_candidates or max(20, 2 * top_k)).indices.tolist()
         heads = [(i // dims.n_heads, i % dims.n_heads) for i in cand]
         pos = data.positions[p]
-        cells = [(Patch("z", lay, pos.clone(), h),) for lay, h in heads]
+        cells = [(Patch(Site("z", lay, h), pos.clone()),) for lay, h in heads]
         exact = logit_diff(run_cells(runs.base, runs.tuned, cells, runs.answers)).mean(-1) - base_ld
         checked += len(cells)
         order = exact.argsort(descending=True)[:top_k].tolist()

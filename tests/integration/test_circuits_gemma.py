@@ -15,6 +15,7 @@ from circuits.patching.engine import Patch, run_cells, trace
 from circuits.patching.metrics import Answers, logit_diff
 from tests.unit.circuits import gemma_toy as ref
 from tunelens.models import zoo
+from tunelens.sites import Site
 from tunelens.tasks import entity_tracking as et
 
 pytestmark = pytest.mark.integration
@@ -56,8 +57,8 @@ def test_fast_patching_equals_one_hooked_hf_forward_per_cell(pair, data):
     model = pair.tuned
     d = model.dims.d_head
     ql, last = clean.positions["query_label"], clean.positions["last"]
-    cells = [(Patch("resid_pre", layer, int(ql[0])),) for layer in (0, 9, 17)]
-    cells += [(Patch("z", layer, last.clone(), h),) for layer in (5, 11) for h in (0, 3)]
+    cells = [(Patch(Site("resid_pre", layer), int(ql[0])),) for layer in (0, 9, 17)]
+    cells += [(Patch(Site("z", layer, h), last.clone()),) for layer in (5, 11) for h in (0, 3)]
     answers = Answers.from_encoded(clean, foil=corrupt)
     ours = logit_diff(
         run_cells(trace(model, corrupt.tokens), trace(model, clean.tokens, record=["z"]), cells, answers)

@@ -32,8 +32,8 @@ def test_engine_equals_one_backend_forward_per_site(pair, data):
     model = pair.tuned
     T = clean.tokens.input_ids.shape[1]
     qpos = int(clean.positions["query_label"][0])
-    cells = [(Patch("resid_pre", layer, p),) for layer in (0, 14, 29) for p in (qpos, T - 1)]
-    cells += [(Patch("z", 20, T - 1, h),) for h in (0, 4, 8)] + [(Patch("v", 10, qpos, 2),)]
+    cells = [(Patch(Site("resid_pre", layer), p),) for layer in (0, 14, 29) for p in (qpos, T - 1)]
+    cells += [(Patch(Site("z", 20, h), T - 1),) for h in (0, 4, 8)] + [(Patch(Site("v", 10, 2), qpos),)]
     source = trace(model, clean.tokens, record=["z", "v"])
     target = trace(model, corrupt.tokens)
     answers = Answers.from_encoded(clean, foil=corrupt)

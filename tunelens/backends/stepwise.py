@@ -72,9 +72,10 @@ from tunelens.dims import ModelDims
 from tunelens.errors import ShapeError
 from tunelens.families import family_of_config
 from tunelens.families.base import _get, _unwrap, as_slice
+from tunelens.sites import SITE_KINDS
 
 Hook = Callable[[int, str, Tensor], Tensor | None]
-LAYER_KINDS = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+LAYER_KINDS = tuple(k for k in SITE_KINDS if k != "logits")  # the backends' Site kinds, inside a layer
 
 # -- the family's own attention, with the probabilities in reach ------------------------------------------
 _IMPLEMENTATION = "tunelens_eager"

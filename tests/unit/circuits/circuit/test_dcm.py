@@ -11,6 +11,7 @@ from tunelens.backends.base import TokenBatch
 from tunelens.errors import ConfigError, ShapeError, SiteError
 from tunelens.models.tiny import TinyConfig
 from tunelens.results import load_result
+from tunelens.sites import Site
 
 PLANTED = (1, 2)
 HEADS = [(lay, h) for lay in range(2) for h in range(4)]
@@ -53,7 +54,7 @@ def test_the_planted_head_alone_realises_the_desideratum(toy, result):
     from circuits.patching.metrics import Answers
 
     model, base, source, want = toy
-    cells = [(Patch("z", lay, 7, h),) for lay, h in HEADS]
+    cells = [(Patch(Site("z", lay, h), 7),) for lay, h in HEADS]
     last = run_cells(trace(model, base), trace(model, source, record=["z"]), cells, Answers(answer=want))
     acc = (last.selected[..., 0] >= last.top).float().mean(-1)
     assert int(acc.argmax()) == HEADS.index(PLANTED) and acc.max() > 0.8

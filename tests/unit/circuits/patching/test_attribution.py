@@ -13,6 +13,7 @@ from circuits.patching.engine import Patch, run_cells, trace
 from circuits.patching.metrics import Answers, logit_diff
 from circuits.patching.sweeps import SweepConfig, activation_patching
 from tests.unit.circuits.conftest import induction_data
+from tunelens.sites import Site
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,13 @@ def test_attribution_is_the_derivative_of_the_patching_effect(runs, kind):
             for k in target.trace.acts
         }
         nudged = dc_replace(source, trace=dc_replace(source.trace, acts=acts))
-        cells = [(Patch("z", layer, pos, h),) for layer in range(2) for pos in (5, 30) for h in range(4)]
+        cells = [
+            (Patch(Site("z", layer, h), pos),) for layer in range(2) for pos in (5, 30) for h in range(4)
+        ]
     else:
         resid = [t + eps * (s - t) for s, t in zip(source.trace.resid, target.trace.resid, strict=True)]
         nudged = dc_replace(source, trace=dc_replace(source.trace, resid=resid))
-        cells = [(Patch("resid_pre", layer, pos),) for layer in range(2) for pos in (5, 15, 30)]
+        cells = [(Patch(Site("resid_pre", layer), pos),) for layer in range(2) for pos in (5, 15, 30)]
     base = logit_diff(target.last(answers)).mean()
     exact = (logit_diff(run_cells(target, nudged, cells, answers)).mean(-1) - base) / eps
     per_prompt = attribute(target, source, answers, kind)

@@ -20,6 +20,7 @@ from circuits.patching.metrics import Answers, logit_diff
 from circuits.patching.path_patching import path_patching
 from tests.unit.circuits import gemma_toy as toy
 from tunelens.models.tiny import tiny_tokenizer
+from tunelens.sites import Site
 from tunelens.tasks import entity_tracking as et
 
 TOL = 1e-4
@@ -122,9 +123,11 @@ def test_fast_sweep_equals_one_hooked_hf_forward_per_cell(base, data, corrupt):
     ql, last = data.positions["query_label"], data.positions["last"]
     cells = []
     for layer in range(toy.N_LAYERS):
-        cells += [(Patch("resid_pre", layer, int(p)),) for p in (0, 1, 6, int(ql[0]), int(last[0]))]
-        cells += [(Patch("z", layer, pos.clone(), h),) for pos in (ql, last) for h in range(4)]
-    cells.append((Patch("z", 0, ql.clone(), 1), Patch("z", 2, last.clone(), 3)))  # a two-patch cell
+        cells += [(Patch(Site("resid_pre", layer), int(p)),) for p in (0, 1, 6, int(ql[0]), int(last[0]))]
+        cells += [(Patch(Site("z", layer, h), pos.clone()),) for pos in (ql, last) for h in range(4)]
+    cells.append(
+        (Patch(Site("z", 0, 1), ql.clone()), Patch(Site("z", 2, 3), last.clone()))
+    )  # a two-patch cell
     ours = logit_diff(run_cells(target, source, cells, answers, max_rows=20))
 
     src_z: dict[int, torch.Tensor] = {}

@@ -88,13 +88,13 @@ def test_other_sites_equal_one_forward_per_site(induction_model, data, kind):
     heads = [None] if kind.startswith("resid") else list(range(n_heads))
     T = clean.tokens.input_ids.shape[1]
     cells = [
-        (Patch(kind, layer, pos, h),)
+        (Patch(Site(kind, layer, h), pos),)
         for layer in range(dims.n_layers)
         for pos in (0, 5, T - 1)
         for h in heads
     ]
     # a multi-site cell too: two layers, two positions
-    cells.append((Patch(kind, 0, 5, heads[0]), Patch(kind, 1, T - 1, heads[-1])))
+    cells.append((Patch(Site(kind, 0, heads[0]), 5), Patch(Site(kind, 1, heads[-1]), T - 1)))
     source = trace(induction_model, clean.tokens, record=[kind])
     target = trace(induction_model, corrupt.tokens)
     answers = Answers.from_encoded(clean, foil=corrupt)
@@ -134,7 +134,7 @@ def test_patching_a_run_with_itself_changes_nothing(induction_model, data, kind)
     run = trace(induction_model, corrupt.tokens, record=[kind])
     answers = Answers.from_encoded(clean, foil=corrupt)
     head = 1 if kind in ("z", "k") else None
-    cells = [(Patch(kind, layer, pos, head),) for layer in range(2) for pos in (None, 0, 4, 10)]
+    cells = [(Patch(Site(kind, layer, head), pos),) for layer in range(2) for pos in (None, 0, 4, 10)]
     patched = logit_diff(run_cells(run, run, cells, answers))
     unpatched = logit_diff(run.last(answers))
     assert (patched - unpatched).abs().max() <= 1e-5
@@ -165,14 +165,14 @@ def test_bad_inputs_are_clear_errors(induction_model, data, tiny_tok):
     answers = Answers.from_encoded(clean, foil=corrupt)
     T = clean.tokens.input_ids.shape[1]
     with pytest.raises(ShapeError, match="outside the prompt"):
-        run_cells(target, source, [(Patch("resid_pre", 0, T),)], answers)
+        run_cells(target, source, [(Patch(Site("resid_pre", 0), T),)], answers)
     with pytest.raises(SiteError, match="kv_head 2 out of range"):
-        run_cells(target, source, [(Patch("k", 0, 1, 2),)], answers)
+        run_cells(target, source, [(Patch(Site("k", 0, 2), 1),)], answers)
     with pytest.raises(SiteError, match="layer 5 out of range"):
-        run_cells(target, source, [(Patch("resid_pre", 5, 1),)], answers)
+        run_cells(target, source, [(Patch(Site("resid_pre", 5), 1),)], answers)
     shorter = trace(induction_model, induction_data(tiny_tok, half=15)[0].tokens)
     with pytest.raises(ShapeError, match="same token lengths"):
-        run_cells(target, shorter, [(Patch("resid_pre", 0, 1),)], answers)
+        run_cells(target, shorter, [(Patch(Site("resid_pre", 0), 1),)], answers)
     with pytest.raises(TaskError, match="no answers"):
         Answers(answer=torch.full((len(clean),), -1))
     with pytest.raises(ConfigError, match="head kind"):
@@ -185,7 +185,7 @@ def test_bad_inputs_are_clear_errors(induction_model, data, tiny_tok):
             SweepConfig(kind="resid_pre", by="layer_pos", positions=("nope",)),
         )
     with pytest.raises(SiteError, match="has no heads"):
-        Patch("resid_pre", 0, 1, 0)
+        Patch(Site("resid_pre", 0, 0), 1)
 
 
 def test_logit_diff_subtracts_the_best_other_candidate_by_token_even_on_a_tie():
