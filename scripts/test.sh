@@ -49,6 +49,9 @@ case "$tier" in
     alt_unit_tier
     # pytest exits 5 when a tier has no test yet; that is not a failure of the tier
     $py -m pytest -m "integration or app" || { rc=$?; [ "$rc" -eq 5 ] || exit "$rc"; }
+    # the app's pages once more, on a toy of a fused-projection family (GPT-2: Conv1D, c_attn, LayerNorm)
+    echo "app tier again on a GPT-2 toy pair"
+    TUNELENS_APP_FAMILY=gpt2 $py -m pytest -q -m app tests/app/test_browser.py tests/app/test_pages.py
     ;;
   *) echo "unknown tier $tier (unit, integration, all)" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ computed with the analyses' public functions on that pair; each analysis adds it
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,19 @@ def _tuned_copy(base: LoadedModel, seed: int, name: str) -> LoadedModel:
 def app_pair_dirs(tiny_tok, tmp_path_factory) -> tuple[str, str]:
     """Folders of a tiny (base, tuned) pair with a skill to find: the tuned model is the base (an untrained
     3-layer tiny Llama) trained for seconds on the toy context-vs-prior task of
-    tests/unit/circuits/knob_toy.py, so the knob, the graft and CMAP have a real fine-tune to work on."""
-    from tests.unit.circuits.knob_toy import train_toy
-    from tunelens.models.tiny import tiny_llama
+    tests/unit/circuits/knob_toy.py, so the knob, the graft and CMAP have a real fine-tune to work on.
 
+    ``TUNELENS_APP_FAMILY=gpt2`` (any declared family) runs the app tier on a toy of that family instead."""
+    from tests.unit.circuits.knob_toy import train_toy
+    from tunelens.models.tiny import tiny_family, tiny_llama
+
+    family = os.environ.get("TUNELENS_APP_FAMILY", "llama")
     with one_thread():  # the toy's training depends on float summation order
-        tuned = train_toy(tiny_tok, steps=TOY_STEPS, seed=0)
-    base_module = tiny_llama(TOY_CONFIG, len(tiny_tok.get_vocab()), seed=0)  # train_toy's initial weights
+        tuned = train_toy(tiny_tok, steps=TOY_STEPS, seed=0, family=family)
+    vocab = len(tiny_tok.get_vocab())  # the base: train_toy's initial weights
+    base_module = (
+        tiny_llama(TOY_CONFIG, vocab, 0) if family == "llama" else tiny_family(family, TOY_CONFIG, vocab, 0)
+    )
     base = LoadedModel(base_module, tiny_tok, source=ModelSource(kind="memory", location="app-base"))
     return save_pair(ModelPair(base, tuned), tmp_path_factory.mktemp("app-pair"))
 
