@@ -159,12 +159,11 @@ def _classifier(model: LoadedModel):
     the embeddings, or a norm (with its layer, from the family's layer path)."""
     mats = {key: mat for mat, key in matrix_param_names(model.module).items()}
     layer_re = re.compile(rf"(?:^|\.){re.escape(model.family.layers)}\.(\d+)\.")
-    embeddings = {model.family.embed.split(".")[-1], "lm_head", "wpe"}
 
     def classify(name: str) -> tuple[int | None, str]:
         if name in mats:
             return mats[name].layer, mats[name].kind
-        if name.rsplit(".", 2)[-2] in embeddings:
+        if name.rsplit(".", 2)[-2] in model.family.embedding_modules:
             return None, EMBEDDING
         m = layer_re.search(name)
         return (int(m[1]) if m else None), NORM

@@ -34,6 +34,11 @@ DEFAULT_PROMPTS = (
 )
 
 
+def _within(name: str, value: float, threshold: float, detail: str = "") -> CheckResult:
+    """A check that passes when ``value`` is at most ``threshold``."""
+    return CheckResult(name=name, passed=value <= threshold, value=value, threshold=threshold, detail=detail)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckResult:
     name: str
@@ -70,12 +75,11 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
         run = Stepper(module).trace(batch.input_ids.to(model.device), batch.last)
     diff = (run.logits - reference[rows, batch.last.to(reference.device)]).abs().max().item()
     results.append(
-        CheckResult(
-            name=f"{model.name}: engine logits vs HF",
-            passed=diff <= tol,
-            value=diff,
-            threshold=tol,
-            detail=f"({model.family.name}, each prompt's last token)",
+        _within(
+            f"{model.name}: engine logits vs HF",
+            diff,
+            tol,
+            f"({model.family.name}, each prompt's last token)",
         )
     )
     for kind in BACKENDS:
@@ -90,33 +94,14 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
             continue
         out = backend.run(batch, reads=sites)
         diff = (out.logits - reference)[mask].abs().max().item()
-        results.append(
-            CheckResult(
-                name=f"{model.name}: {kind} logits vs HF",
-                passed=diff <= tol,
-                value=diff,
-                threshold=tol,
-            )
-        )
+        results.append(_within(f"{model.name}: {kind} logits vs HF", diff, tol))
         acts[kind] = out.acts
         z = [s for s in sites if s.kind in ("z", "resid_post")]
         patched = backend.run(batch, writes=[replace(s, out.acts[s]) for s in z])
         diff = (patched.logits - out.logits).abs().max().item()
-        results.append(
-            CheckResult(
-                name=f"{model.name}: {kind} self-patch is a no-op",
-                passed=diff <= tol,
-                value=diff,
-                threshold=tol,
-                detail=f"({len(z)} sites)",
-            )
-        )
+        results.append(_within(f"{model.name}: {kind} self-patch is a no-op", diff, tol, f"({len(z)} sites)"))
         left = backend.attached_hooks()
-        results.append(
-            CheckResult(
-                name=f"{model.name}: {kind} leaves no hook", passed=left == 0, value=left, threshold=0
-            )
-        )
+        results.append(_within(f"{model.name}: {kind} leaves no hook", left, 0))
     if len(acts) < 2:
         return results
     worst, where, scale = 0.0, "", 0.0
@@ -129,13 +114,7 @@ def check_model(model: LoadedModel, prompts: Sequence[str] = DEFAULT_PROMPTS) ->
             worst, where = d, str(s)
     act_tol = tolerance(model, scale)
     results.append(
-        CheckResult(
-            name=f"{model.name}: bridge vs nnsight activations",
-            passed=worst <= act_tol,
-            value=worst,
-            threshold=act_tol,
-            detail=f"(worst at {where})",
-        )
+        _within(f"{model.name}: bridge vs nnsight activations", worst, act_tol, f"(worst at {where})")
     )
     return results
 
@@ -172,10 +151,5 @@ def check_cross_patch(pair: ModelPair, prompts: Sequence[str] = DEFAULT_PROMPTS)
     via = base.backend("nnsight").run(batch, writes=[write]).logits[rows, last.to(engine.device)]
     diff = (engine - via).abs().max().item()
     tol = tolerance(base, float(via.abs().max()))
-    return CheckResult(
-        name="cross-model patch of one head: engine vs nnsight",
-        passed=diff <= tol,
-        value=diff,
-        threshold=tol,
-        detail=f"(tuned z of L{layer}.H{head} into base, last tokens)",
-    )
+    where = f"(tuned z of L{layer}.H{head} into base, last tokens)"
+    return _within("cross-model patch of one head: engine vs nnsight", diff, tol, where)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError, ModelLoadError, PairIncompatibleError, ShapeError
-from tunelens.families import BY_ARCHITECTURE, Family, family_of_config
+from tunelens.families import BY_ARCHITECTURE, family_of
 from tunelens.families.base import MATRIX_KINDS, _unwrap, as_slice
 
 MatrixKind = Literal["q", "k", "v", "o", "gate", "up", "down"]
@@ -105,7 +105,7 @@ def matrix_names(model_or_dims: nn.Module | ModelDims) -> list[MatrixName]:
         n_layers = model_or_dims.n_layers
         family = BY_ARCHITECTURE.get(model_or_dims.architecture)
     else:
-        family = _family(model_or_dims)
+        family = family_of(model_or_dims)
         n_layers = len(family.layer_modules(model_or_dims))
     kinds = family.matrix_kinds if family is not None else MATRIX_KINDS
     return [MatrixName(layer, kind) for layer in range(n_layers) for kind in kinds]  # type: ignore[arg-type]
@@ -245,13 +245,19 @@ def matrix_param_names(model: nn.Module) -> dict[MatrixName, str]:
     """Each matrix's parameter, by canonical name: the projection's weight, or for a block of a fused
     projection a *block key* ``<weight name>[<kind>]`` (``transformer.h.0.attn.c_attn.weight[q]``), which
     :func:`trainable_params` and :func:`functional_forward` understand."""
-    family = _family(model)
+    return {name: key for name, key, _, _ in _matrix_params(model)}
+
+
+def _matrix_params(model: nn.Module) -> list[tuple[MatrixName, str, str, Tensor | None]]:
+    """Per matrix: its name, its key (the weight's canonical name, or a block key), the weight's canonical
+    name, and the rows it occupies in a fused projection (``None``: the whole weight)."""
+    family = family_of(model)
     dims = ModelDims.from_hf_config(_unwrap(model).config)
-    out: dict[MatrixName, str] = {}
+    out = []
     for name in matrix_names(model):
         path, rows = family.matrix(name.kind, dims)
         param = f"{family.layers}.{name.layer}.{path}.weight"
-        out[name] = param if rows is None else f"{param}[{name.kind}]"
+        out.append((name, param if rows is None else f"{param}[{name.kind}]", param, rows))
     return out
 
 
@@ -272,20 +278,10 @@ def trainable_params(
     Values are detached views of the live parameters where they can be (a GPT-NeoX q/k/v block is a copy), so
     a graft ``{n: base[n] + gamma[n] * (tuned[n] - base[n])}`` sends gradients only to ``gamma``.
     """
-    family = _family(model)
-    dims = ModelDims.from_hf_config(_unwrap(model).config)
+    family = family_of(model)
     by_param: dict[str, list[tuple[str, Tensor | None]]] = {}
-    for key in matrix_param_names(model).values():
-        block = _BLOCK_KEY.match(key)
-        param, rows = (block[1], family.matrix(block[2], dims)[1]) if block else (key, None)
+    for _, key, param, rows in _matrix_params(model):
         by_param.setdefault(param, []).append((key, rows))
-    norms = {p.split(".")[-1] for p in (family.attn_norm, family.mlp_norm, family.final_norm) if p}
-    norms |= {
-        p.split(".")[-1] for p, own in ((family.attn_add, family.attention), (family.mlp_add, family.mlp))
-    }
-    norms.discard(family.attention.split(".")[-1])
-    norms.discard(family.mlp.split(".")[-1])
-    embeddings = {family.embed.split(".")[-1], "lm_head", "wpe"}
     out: dict[str, Tensor] = {}
     for real, param in model.named_parameters():
         name = canonical_param_name(real)
@@ -295,8 +291,8 @@ def trainable_params(
                 stored = param.detach().T if family.conv1d else param.detach()
                 block = stored if rows is None else stored[as_slice(rows)]
                 out[key] = block.T if family.conv1d else block
-        elif (include_embeddings and last in embeddings) or (
-            include_norms and "lora_" not in name and ("norm" in last or last in norms)
+        elif (include_embeddings and last in family.embedding_modules) or (
+            include_norms and "lora_" not in name and ("norm" in last or last in family.norm_modules)
         ):
             out[name] = param.detach()
     return out
@@ -334,7 +330,7 @@ def _assemble_blocks(
     blocks = {k: _BLOCK_KEY.match(k) for k in params}
     if not any(blocks.values()):
         return dict(params)
-    family = _family(model)
+    family = family_of(model)
     dims = ModelDims.from_hf_config(_unwrap(model).config)
     out = {k: v for k, v in params.items() if blocks[k] is None}
     grouped: dict[str, dict[str, Tensor]] = {}
@@ -380,14 +376,9 @@ def content_hash(model: nn.Module, *, adapters: bool = True) -> str:
 # ----------------------------------------------------------------------------------------------- internals
 
 
-def _family(model: nn.Module) -> Family:
-    config = _unwrap(model).config
-    return family_of_config(getattr(config, "text_config", None) or config)
-
-
 def _layers(model: nn.Module) -> nn.ModuleList:
     try:
-        layers = _family(model).layer_modules(model)
+        layers = family_of(model).layer_modules(model)
     except (ConfigError, ModelLoadError, AttributeError) as exc:
         raise ModelLoadError(
             f"cannot find decoder layers in {type(model).__name__}: {exc}; expected an HF causal LM of a "
@@ -426,7 +417,7 @@ class _Spot:
 
 
 def _spot(model: nn.Module, name: MatrixName) -> _Spot:
-    family = _family(model)
+    family = family_of(model)
     layers = _layers(model)
     if name.layer >= len(layers):
         raise ConfigError(f"matrix {name}: layer {name.layer} is out of range 0..{len(layers) - 1}")

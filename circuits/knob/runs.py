@@ -28,6 +28,7 @@ from torch import Tensor
 
 from tunelens import readout
 from tunelens.backends.base import TokenBatch, Write
+from tunelens.backends.layerwise import unembed
 from tunelens.errors import SiteError
 from tunelens.sites import Site
 
@@ -45,13 +46,8 @@ def check_layer(model, layer: int) -> int:
 
 def lens(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """The logit lens: the final norm and unembedding of ``model`` applied to residuals."""
-    hf = model.hf
     with torch.no_grad() if not resid.requires_grad else torch.enable_grad():
-        out = hf.get_output_embeddings()(model.family.final_norm_module(hf)(resid.to(model.device)))
-    cap = getattr(getattr(hf.config, "text_config", hf.config), "final_logit_softcapping", None)
-    if cap:
-        out = torch.tanh(out / cap) * cap
-    return out
+        return unembed(model.hf, model.family, resid.to(model.device))
 
 
 def _chunks(n: int, batch_size: int) -> list[slice]:

@@ -87,6 +87,16 @@ def run_from_layer(
             kwargs["position_embeddings"] = ropes[kinds[j]]
         out = layers[j](h, **kwargs)
         h = out[0] if isinstance(out, tuple) else out
-    logits = lm.lm_head(_get(lm, family.final_norm)(h))
+    return unembed(lm, family, h)
+
+
+def unembed(
+    model: nn.Module, family: Family, h: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_vocab"]:
+    """What the HF model does after its last layer: the final norm, the unembedding and, in Gemma-2/3, the
+    logit soft-cap ``tanh(logits / c) · c`` (applied in ``ForCausalLM.forward``, so not in any module)."""
+    lm = _unwrap(model)
+    logits = lm.get_output_embeddings()(family.final_norm_module(lm)(h))
+    config = getattr(lm.config, "text_config", None) or lm.config
     cap = getattr(config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap is not None else logits

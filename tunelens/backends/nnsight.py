@@ -19,8 +19,8 @@ from tunelens.backends.base import RunOutput, TokenBatch, Write, apply_writes
 from tunelens.backends.hooks import adapter_enabled, count_hooks
 from tunelens.dims import ModelDims
 from tunelens.errors import BackendError
-from tunelens.families import family_of_config
-from tunelens.families.base import _unwrap
+from tunelens.families import family_of
+from tunelens.families.base import _unwrap, put_features, take_features
 from tunelens.sites import Site, module_side
 
 _HEADED = ("z", "q", "k", "v")
@@ -38,7 +38,7 @@ class NNsightBackend:
         self._adapter = adapter
         self._root = model
         hf = _unwrap(model)
-        self._family = family_of_config(getattr(hf.config, "text_config", None) or hf.config)
+        self._family = family_of(hf)
         self._lm = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
 
     @property
@@ -114,7 +114,7 @@ class NNsightBackend:
                     native = env.output[int(side[-1])]
                 fused = native
                 if features is not None:  # a q/k/v block of a fused projection
-                    native = _block(fused, features)
+                    native = take_features(fused, features)
                 canonical = self._to_canonical(whole, native)
                 if whole.kind == "attn_out":
                     pre = resid_pre.get(whole.layer)
@@ -128,9 +128,7 @@ class NNsightBackend:
                 changed = new is not canonical or grad
                 if changed and features is not None:
                     full = fused.clone()
-                    full[..., features if isinstance(features, slice) else features.to(full.device)] = (
-                        self._to_native(whole, new).to(full.dtype)
-                    )
+                    put_features(full, features, self._to_native(whole, new))
                     env.output = full
                 elif changed and side == "input":
                     env.input = self._to_native(whole, new)
@@ -139,10 +137,3 @@ class NNsightBackend:
                 elif changed and side == "output0":
                     env.output = (new, *tuple(env.output)[1:])
             out["logits"] = self._lm.output.logits
-
-
-def _block(out: Tensor, features: slice | Tensor) -> Tensor:
-    """Output features ``features`` of a fused projection (a view for a slice)."""
-    if isinstance(features, slice):
-        return out[..., features]
-    return out.index_select(-1, features.to(out.device))

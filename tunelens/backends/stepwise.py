@@ -67,11 +67,11 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from tunelens.backends.layerwise import _MASKS, layer_types
+from tunelens.backends.layerwise import _MASKS, layer_types, unembed
 from tunelens.dims import ModelDims
 from tunelens.errors import ShapeError
-from tunelens.families import family_of_config
-from tunelens.families.base import _get, _unwrap, as_slice
+from tunelens.families import family_of
+from tunelens.families.base import _get, _unwrap, as_slice, put_features, take_features
 from tunelens.sites import SITE_KINDS
 
 Hook = Callable[[int, str, Tensor], Tensor | None]
@@ -172,12 +172,10 @@ class Stepper:
     def __init__(self, model: nn.Module) -> None:
         self.hf = _unwrap(model)
         self.config = self.hf.config
-        self.family = family_of_config(self.config)
+        self.family = family_of(self.hf)
         self.layers = self.family.layer_modules(self.hf)
         self.n_layers = len(self.layers)
         self.kinds = layer_types(self.config, self.n_layers)
-        self.parallel = self.family.parallel_residual(self.config)
-        self.final_norm = self.family.final_norm_module(self.hf)
         self._rope = getattr(self.hf.base_model, "rotary_emb", None)
         self._rope_per_kind = (
             self._rope is not None and "layer_type" in inspect.signature(self._rope.forward).parameters
@@ -185,6 +183,7 @@ class Stepper:
         params = inspect.signature(self.layers[0].forward).parameters
         self._cache_kw = "layer_past" if "layer_past" in params else "past_key_values"
         dims = ModelDims.from_hf_config(self.config)
+        self.parallel = dims.parallel_residual  # attention and MLP both read the layer input: no resid_mid
         self.d_head = dims.d_head
         self._qkv: dict[str, list[tuple[str, slice | Tensor]]] = {}
         for kind, (path, index) in self.family.qkv_rows(dims).items():
@@ -210,11 +209,7 @@ class Stepper:
 
     def unembed(self, h: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
         """Final norm, unembedding (and Gemma's logit soft-capping) of the rows given."""
-        logits = self.hf.lm_head(self.final_norm(h))
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return unembed(self.hf, self.family, h)
 
     def available(self, kind: str) -> bool:
         """Whether this model has ``kind`` (a parallel residual has no ``resid_mid``)."""
@@ -298,17 +293,12 @@ class Stepper:
                 rows, n = out.shape[:2]
                 new_out = out
                 for kind, index in kind_blocks:
-                    old = (
-                        out[..., index].view(rows, n, -1, d)
-                        if isinstance(index, slice)
-                        else (out.index_select(-1, index.to(out.device)).view(rows, n, -1, d))
-                    )
+                    old = take_features(out, index).view(rows, n, -1, d)
                     new = at(kind, old)
                     if new is not old:
                         if new_out is out:
                             new_out = out.clone()
-                        idx = index if isinstance(index, slice) else index.to(out.device)
-                        new_out[..., idx] = new.reshape(rows, n, -1).to(out.dtype)
+                        put_features(new_out, index, new.reshape(rows, n, -1))
                 return new_out
 
             return hook

@@ -15,13 +15,20 @@ from typing import Any
 
 from tunelens.errors import ModelLoadError
 from tunelens.families import gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3
-from tunelens.families.base import Family
+from tunelens.families.base import Family, _unwrap
 
 FAMILIES: dict[str, Family] = {
     m.FAMILY.name: m.FAMILY
     for m in (llama, mistral, qwen2, qwen3, gemma2, gemma3, gpt2, gpt_neox, phi3, olmo2)
 }
 BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES.values() for a in f.architectures}
+
+
+def family_of(model: Any) -> Family:
+    """The family of a model: a ``*ForCausalLM``, a peft model wrapping one, or Gemma-3's multimodal wrapper
+    (whose text model is what tunelens runs)."""
+    config = _unwrap(model).config
+    return family_of_config(getattr(config, "text_config", None) or config)
 
 
 def family_of_config(config: Any) -> Family:
@@ -41,4 +48,4 @@ def family_of_config(config: Any) -> Family:
     )
 
 
-__all__ = ["BY_ARCHITECTURE", "FAMILIES", "Family", "family_of_config"]
+__all__ = ["BY_ARCHITECTURE", "FAMILIES", "Family", "family_of", "family_of_config"]

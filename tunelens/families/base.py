@@ -51,6 +51,7 @@ class Family:
     attn_norm: str | None = "input_layernorm"  # the norm the attention reads through (None: none, OLMo-2)
     mlp_norm: str | None = "post_attention_layernorm"  # the norm the MLP reads through
     norm_offset: float = 0.0  # Gemma's RMSNorms scale by (offset + weight), offset 1
+    positions: str | None = None  # learned position embeddings (GPT-2's wpe), if any
     gate: str | None = "mlp.gate_proj"  # None: a plain MLP (GPT-2, GPT-NeoX)
     up: str = "mlp.up_proj"  # the same path as ``gate``: one fused ``[gate | up]`` projection (Phi-3)
 
@@ -91,6 +92,19 @@ class Family:
         """The decoder layers of ``model`` (a ``*ForCausalLM``, or a peft model wrapping one)."""
         return _get(_unwrap(model), self.layers)
 
+    @property
+    def embedding_modules(self) -> frozenset[str]:
+        """Names of the modules holding embeddings: tokens, learned positions, and the LM head."""
+        return frozenset(p.split(".")[-1] for p in (self.embed, self.positions, "lm_head") if p)
+
+    @property
+    def norm_modules(self) -> frozenset[str]:
+        """Names of the declared norm modules: before attention and the MLP, after them (where what the
+        residual receives is a norm's output), and the final norm."""
+        after = [a for a, own in ((self.attn_add, self.attention), (self.mlp_add, self.mlp)) if a != own]
+        paths = (self.attn_norm, self.mlp_norm, self.final_norm, *after)
+        return frozenset(p.split(".")[-1] for p in paths if p)
+
     def final_norm_module(self, model: nn.Module) -> nn.Module:
         """The norm after the last layer (before the unembedding)."""
         return _get(_unwrap(model), self.final_norm)
@@ -116,10 +130,6 @@ class Family:
             return None
         weight = getattr(self.module(model, layer, path), "weight", None)
         return None if weight is None else weight.detach().float() + self.norm_offset
-
-    def parallel_residual(self, config: Any) -> bool:
-        """Attention and MLP both read the layer's input (GPT-NeoX's default): there is no ``resid_mid``."""
-        return bool(getattr(config, "use_parallel_residual", False))
 
     # -- the q / k / v blocks of the projections ---------------------------------------------------------
     def qkv_rows(self, dims: ModelDims) -> dict[QKV, tuple[str, Tensor]]:
@@ -171,6 +181,16 @@ def as_slice(index: Tensor) -> slice | Tensor:
     if torch.equal(index.cpu(), torch.arange(first, first + n)):
         return slice(first, first + n)
     return index
+
+
+def take_features(t: Tensor, index: slice | Tensor) -> Tensor:
+    """Features ``index`` of the last axis (a view for a slice, a copy for an index tensor)."""
+    return t[..., index] if isinstance(index, slice) else t.index_select(-1, index.to(t.device))
+
+
+def put_features(t: Tensor, index: slice | Tensor, value: Tensor) -> None:
+    """Write ``value`` into features ``index`` of the last axis of ``t``, in place."""
+    t[..., index if isinstance(index, slice) else index.to(t.device)] = value.to(t.dtype)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ FAMILY = Family(
     mlp_add="mlp",
     gate=None,
     up="mlp.c_fc",
+    positions="transformer.wpe",
     attn_norm="ln_1",
     mlp_norm="ln_2",
     conv1d=True,

@@ -16,7 +16,7 @@ from tunelens.backends.base import Backend, TokenBatch
 from tunelens.backends.hooks import adapter_enabled
 from tunelens.dims import ModelDims
 from tunelens.errors import ConfigError, DeviceError
-from tunelens.families import family_of_config
+from tunelens.families import family_of, family_of_config
 from tunelens.tasks.base import encode_prompts
 from tunelens.weights import content_hash
 
@@ -90,7 +90,7 @@ class LoadedModel:
         self.adapter = adapter
         self.name = name or source.location
         self.dims = runtime_dims(self.hf.config)
-        self.family = family_of_config(getattr(self.hf.config, "text_config", None) or self.hf.config)
+        self.family = family_of(self.hf)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
 

@@ -167,7 +167,7 @@ def test_the_declared_additions_are_the_layers_whole_update(name):
             h.remove()
     total = got["in"] + got["attn"] + got["mlp"]
     assert float((total - got["out"]).abs().max()) <= 1e-5 * _scale(got["out"])
-    assert fam.parallel_residual(model.config) == (name == "gpt_neox")
+    assert ModelDims.from_hf_config(model.config).parallel_residual == (name == "gpt_neox")
 
 
 @pytest.mark.parametrize("name", NAMES)
